@@ -1,0 +1,105 @@
+"""Typed errors of the whole project, and their HTTP status (the one mapping every server uses)."""
+
+from __future__ import annotations
+
+
+class E2VPTError(Exception):
+    """Base of every error this project raises on purpose. `http_status` is what a server answers."""
+
+    http_status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.message}
+
+
+class InvalidPromptSet(E2VPTError):
+    """A prompt set that is structurally wrong: shapes, dtype, non-finite values, metadata."""
+
+    http_status = 422
+    code = "invalid_prompt_set"
+
+
+class CorruptPromptSet(InvalidPromptSet):
+    """Bytes that are not a readable safetensors prompt-set file (truncated, pickled, garbage)."""
+
+    code = "corrupt_prompt_set"
+
+
+class UnsupportedFormatVersion(InvalidPromptSet):
+    code = "unsupported_format_version"
+
+
+class IncompatiblePromptSet(InvalidPromptSet):
+    """A prompt set made for another backbone (name, fingerprint or shapes differ)."""
+
+    code = "incompatible_prompt_set"
+
+
+class PromptSetTooLarge(E2VPTError):
+    http_status = 413
+    code = "prompt_set_too_large"
+
+
+class InvalidTaskId(E2VPTError):
+    http_status = 400
+    code = "invalid_task_id"
+
+
+class TaskNotFound(E2VPTError):
+    http_status = 404
+    code = "task_not_found"
+
+
+class VersionNotFound(TaskNotFound):
+    code = "version_not_found"
+
+
+class InvalidImage(E2VPTError):
+    http_status = 400
+    code = "invalid_image"
+
+
+class ImageTooLarge(E2VPTError):
+    http_status = 413
+    code = "image_too_large"
+
+
+class BadRequest(E2VPTError):
+    http_status = 400
+    code = "bad_request"
+
+
+class Unauthorized(E2VPTError):
+    http_status = 401
+    code = "unauthorized"
+
+
+class StoreUnavailable(E2VPTError):
+    """The prompt store (Redis) cannot be reached."""
+
+    http_status = 503
+    code = "store_unavailable"
+
+
+class UnsupportedBackbone(E2VPTError):
+    """A model that is not a timm VisionTransformer this project can prompt (or export)."""
+
+    http_status = 422
+    code = "unsupported_backbone"
+
+
+class InvalidDataset(E2VPTError):
+    """A dataset folder or list file that cannot be used (missing class folder, unreadable image)."""
+
+    http_status = 422
+    code = "invalid_dataset"
+
+
+def http_status(exc: BaseException) -> int:
+    """HTTP status for any exception: typed errors carry theirs, everything else is a 500."""
+    return exc.http_status if isinstance(exc, E2VPTError) else 500
