@@ -1,0 +1,41 @@
+"""Inference backends: what computes pooled features from images and per-image padded prompts.
+
+The serving engine builds a `TaskBatch`, gathers each image's prompts, asks a backend for features and
+applies the per-task heads itself (`TaskBatch.logits`), so every backend gives the same answers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from e2vpt.backbone import Backbone
+from e2vpt.model import PromptedViT
+
+
+class FeatureBackend(Protocol):
+    """images [B, C, H, W], visual [B, L, P, D], kv [B, L, 2, H, T, Dh], visual_valid [B, P],
+    kv_valid [B, T] -> pooled features [B, D] (float32, on the backend's device)."""
+
+    name: str
+
+    def features(
+        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
+    ) -> Tensor: ...
+
+
+class TorchBackend:
+    """Eager PyTorch on the backbone's device."""
+
+    name = "torch"
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.model = PromptedViT(backbone).eval()
+
+    @torch.inference_mode()
+    def features(
+        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
+    ) -> Tensor:
+        return self.model.forward_features(images, visual, kv, visual_valid, kv_valid)
