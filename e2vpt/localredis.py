@@ -35,6 +35,7 @@ class LocalRedis:
 
     port: int = field(default_factory=free_port)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="e2vpt-redis-")))
+    appendonly: bool = True
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,9 +45,25 @@ class LocalRedis:
     def start(self, timeout: float = 10.0) -> LocalRedis:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RuntimeError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", "",
-                "--appendonly", "yes"]
+            raise RuntimeError(
+                "no Redis answers and redis-server is not installed (apt-get install redis-server)"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
