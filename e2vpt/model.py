@@ -218,11 +218,15 @@ class PromptedViT(nn.Module):
         kv: Tensor | None = None,
         visual_valid: Tensor | None = None,
         kv_valid: Tensor | None = None,
+        *,
+        always_mask: bool = False,
     ) -> Tensor:
         """Pooled features [B, D'] of images [B, C, H, W] with per-image prompts.
 
         visual [B, L, P, D], kv [B, L, 2, H, T, Dh], visual_valid [B, P] / kv_valid [B, T] (bool, True = real;
-        None = all real). P = T = 0 (or None) runs the plain backbone.
+        None = all real). P = T = 0 (or None) runs the plain backbone. `always_mask` builds the key-padding
+        mask without first checking (data-dependently) whether any slot is padding: graph export needs one
+        path for every input.
         """
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
@@ -231,7 +235,7 @@ class PromptedViT(nn.Module):
         P = visual.shape[2] if visual is not None else 0
         T = kv.shape[4] if kv is not None else 0
         mask = None
-        if (P and visual_valid is not None and not bool(visual_valid.all())) or (
+        if always_mask or (P and visual_valid is not None and not bool(visual_valid.all())) or (
             T and kv_valid is not None and not bool(kv_valid.all())
         ):
             parts = [torch.ones(B, npre, dtype=torch.bool, device=x.device)]
