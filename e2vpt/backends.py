@@ -6,12 +6,16 @@ applies the per-task heads itself (`TaskBatch.logits`), so every backend gives t
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from e2vpt.backbone import Backbone
+from e2vpt.config import Settings
+from e2vpt.errors import BackendUnavailable
 from e2vpt.model import PromptedViT
 
 
@@ -39,3 +43,45 @@ class TorchBackend:
         self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
     ) -> Tensor:
         return self.model.forward_features(images, visual, kv, visual_valid, kv_valid)
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def onnx_cache_path(backbone: Backbone, settings: Settings) -> Path:
+    """Where `make_backend` keeps the graph it exports: one file per fingerprint and export options."""
+    s = settings
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.info.fingerprint)
+    name = f"{key}-p{s.onnx_max_prompts}-t{s.onnx_max_kv}-o{s.onnx_opset}-{s.onnx_exporter}"
+    return Path(s.onnx_cache_dir).expanduser() / f"{name}{'-fp16' if s.onnx_fp16 else ''}.onnx"
+
+
+def make_backend(kind: str, backbone: Backbone, settings: Settings) -> FeatureBackend:
+    """The backend the engine computes features with: "torch" or "onnxruntime".
+
+    onnxruntime serves `settings.onnx_path` when set (checked against the backbone's fingerprint), else
+    exports once to `onnx_cache_path` (atomic rename, so concurrent workers never read a partial file).
+    """
+    if kind == "torch":
+        return TorchBackend(backbone)
+    if kind == "onnxruntime":
+        from e2vpt.onnx_backend import OnnxBackend
+        from e2vpt.onnx_export import export_onnx
+
+        path = (
+            Path(settings.onnx_path).expanduser()
+            if settings.onnx_path
+            else onnx_cache_path(backbone, settings)
+        )
+        if not settings.onnx_path and not path.is_file():
+            export_onnx(
+                backbone,
+                path,
+                max_prompts=settings.onnx_max_prompts,
+                max_kv=settings.onnx_max_kv,
+                opset=settings.onnx_opset,
+                fp16=settings.onnx_fp16,
+                exporter=settings.onnx_exporter,
+            )
+        return OnnxBackend(backbone, path, settings.onnx_providers or None, threads=settings.onnx_threads)
+    raise BackendUnavailable(f"unknown backend {kind!r}; expected one of {BACKENDS}")

@@ -32,6 +32,24 @@ class Settings(BaseSettings):
     store_namespace: str = "e2vpt"
     keep_versions: int = 10
 
+    # --- ONNX export and the onnxruntime backend (issue 6) ---------------------------------------
+    # An exported graph to serve with; None: export once into onnx_cache_dir (keyed by fingerprint
+    # and options) on first use.
+    onnx_path: str | None = None
+    onnx_cache_dir: str = "~/.cache/e2vpt/onnx"
+    # onnxruntime execution providers in priority order; empty: TensorRT, CUDA when present, then CPU.
+    onnx_providers: list[str] = []
+    # Largest P and T the graph is exported, checked and (TensorRT) profiled for; larger sets are refused.
+    onnx_max_prompts: int = 64
+    onnx_max_kv: int = 64
+    onnx_opset: int = 18
+    # fp16 weights and compute inside the graph (inputs and the pooled output stay float32).
+    onnx_fp16: bool = False
+    # "dynamo" (torch.export, default) or "legacy" (TorchScript tracing).
+    onnx_exporter: str = "dynamo"
+    # onnxruntime intra-op threads (0: onnxruntime's default, one per core).
+    onnx_threads: int = 0
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
