@@ -57,31 +57,12 @@ def onnx_cache_path(backbone: Backbone, settings: Settings) -> Path:
 
 
 def make_backend(kind: str, backbone: Backbone, settings: Settings) -> FeatureBackend:
-    """The backend the engine computes features with: "torch" or "onnxruntime".
-
-    onnxruntime serves `settings.onnx_path` when set (checked against the backbone's fingerprint), else
-    exports once to `onnx_cache_path` (atomic rename, so concurrent workers never read a partial file).
-    """
+    """The backend the engine computes features with: "torch" or "onnxruntime" (imported lazily; see
+    `e2vpt.onnx_backend.create_backend`)."""
     if kind == "torch":
         return TorchBackend(backbone)
     if kind == "onnxruntime":
-        from e2vpt.onnx_backend import OnnxBackend
-        from e2vpt.onnx_export import export_onnx
+        from e2vpt.onnx_backend import create_backend
 
-        path = (
-            Path(settings.onnx_path).expanduser()
-            if settings.onnx_path
-            else onnx_cache_path(backbone, settings)
-        )
-        if not settings.onnx_path and not path.is_file():
-            export_onnx(
-                backbone,
-                path,
-                max_prompts=settings.onnx_max_prompts,
-                max_kv=settings.onnx_max_kv,
-                opset=settings.onnx_opset,
-                fp16=settings.onnx_fp16,
-                exporter=settings.onnx_exporter,
-            )
-        return OnnxBackend(backbone, path, settings.onnx_providers or None, threads=settings.onnx_threads)
+        return create_backend(backbone, settings)
     raise BackendUnavailable(f"unknown backend {kind!r}; expected one of {BACKENDS}")

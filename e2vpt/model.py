@@ -235,8 +235,10 @@ class PromptedViT(nn.Module):
         P = visual.shape[2] if visual is not None else 0
         T = kv.shape[4] if kv is not None else 0
         mask = None
-        if always_mask or (P and visual_valid is not None and not bool(visual_valid.all())) or (
-            T and kv_valid is not None and not bool(kv_valid.all())
+        if (
+            always_mask
+            or (P and visual_valid is not None and not bool(visual_valid.all()))
+            or (T and kv_valid is not None and not bool(kv_valid.all()))
         ):
             parts = [torch.ones(B, npre, dtype=torch.bool, device=x.device)]
             parts.append(

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from e2vpt.backbone import Backbone, BackboneInfo
+from e2vpt.config import Settings
 from e2vpt.errors import BackendUnavailable, IncompatibleOnnxModel, IncompatiblePromptSet
-from e2vpt.onnx_export import FORMAT_VERSION, INPUT_NAMES, OUTPUT_NAME, onnx_metadata
+from e2vpt.onnx_export import FORMAT_VERSION, INPUT_NAMES, OUTPUT_NAME, export_onnx, onnx_metadata
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_PROVIDERS = (*GPU_PROVIDERS, "CPUExecutionProvider")
@@ -175,3 +176,27 @@ class OnnxBackend:
         torch.cuda.synchronize(device)
         self.session.run_with_iobinding(binding)
         return out
+
+
+def create_backend(backbone: Backbone, settings: Settings) -> OnnxBackend:
+    """The onnxruntime backend from settings: serve `onnx_path` when set (checked against the backbone's
+    fingerprint), else export once to `onnx_cache_path` (atomic rename, so concurrent workers never read
+    a partial file) and reuse it. A float16 backbone (serving_dtype) gets an fp16 graph."""
+    from e2vpt.backends import onnx_cache_path
+
+    if settings.onnx_path:
+        path = Path(settings.onnx_path).expanduser()
+    else:
+        fp16 = settings.onnx_fp16 or backbone.dtype == torch.float16
+        path = onnx_cache_path(backbone, settings.model_copy(update={"onnx_fp16": fp16}))
+        if not path.is_file():
+            export_onnx(
+                backbone,
+                path,
+                max_prompts=settings.onnx_max_prompts,
+                max_kv=settings.onnx_max_kv,
+                opset=settings.onnx_opset,
+                fp16=fp16,
+                exporter=settings.onnx_exporter,
+            )
+    return OnnxBackend(backbone, path, settings.onnx_providers or None, threads=settings.onnx_threads)

@@ -32,7 +32,8 @@ Choices:
   exports a float16 copy of the backbone between casts, so graph inputs/outputs stay float32 and
   callers do not change; meant for the CUDA/TensorRT providers (half the memory, tensor cores).
   (onnxruntime's float16 converter was tried first: its output fails `onnx.checker` - cast nodes out
-  of topological order.) bfloat16 backbones are refused: export from the float32 weights.
+  of topological order.) A float16 backbone
+  exports only with fp16=True; bfloat16 backbones are refused: export from the float32 weights.
 - Metadata: the backbone fingerprint, its description and the export options are stored in the
   model's metadata_props; `OnnxBackend` refuses a file made from other weights.
 """
@@ -123,9 +124,9 @@ def check_exportable(
         raise ExportError(
             f"global_pool={vit.global_pool!r} yields no pooled [B, D] feature; export needs one of {POOLS}"
         )
-    if backbone.dtype != torch.float32:
+    if backbone.dtype != torch.float32 and not (backbone.dtype == torch.float16 and fp16):
         raise ExportError(
-            f"export from float32 weights (got {backbone.dtype}); use fp16=True for a float16 graph"
+            f"a {backbone.dtype} backbone exports only with fp16=True (float16 weights) or from float32 weights"
         )
     limit = get_settings()
     for name, value, cap in (
@@ -325,7 +326,9 @@ def verify_export(
     for p, t in sizes:
         args = example_inputs(backbone.info, 2, p, t, generator=g)
         with torch.inference_mode():
-            ref = model.forward_features(*(a.to(backbone.device) for a in args)).float().cpu()
+            floats = [a.to(backbone.device, backbone.dtype) for a in args[:3]]
+            masks = [a.to(backbone.device) for a in args[3:]]
+            ref = model.forward_features(*floats, *masks).float().cpu()
         try:
             got = onnx_backend.features(*args).cpu()
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types

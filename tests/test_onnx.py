@@ -25,7 +25,7 @@ from e2vpt.errors import (
     http_status,
 )
 from e2vpt.model import PromptedViT, TaskBatch, split_logits
-from e2vpt.onnx_backend import OnnxBackend
+from e2vpt.onnx_backend import OnnxBackend, create_backend
 from e2vpt.onnx_export import INPUT_NAMES, check_exportable, export_onnx, onnx_metadata, verify_export
 from e2vpt.promptset import PromptSet
 
@@ -155,21 +155,21 @@ def test_register_tokens_and_avg_pool(tmp_path: Path) -> None:
     assert onnx_metadata(path)["exporter"] == "legacy"
 
 
-def test_fp16_export_keeps_float32_io(backbone: Backbone, tmp_path: Path) -> None:
-    path = export_onnx(backbone, tmp_path / "half.onnx", max_prompts=2, max_kv=2, fp16=True)
-    model = onnx.load(str(path))
-    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+def test_fp16_graph_for_a_float16_backbone(backbone: Backbone, tmp_path: Path) -> None:
+    half = tiny_backbone(dtype=torch.float16)  # serving_dtype float16: the factory exports an fp16 graph
+    backend = create_backend(half, Settings(onnx_cache_dir=str(tmp_path), onnx_max_prompts=2, onnx_max_kv=2))
+    assert backend.fp16 and backend.path.name.endswith("-fp16.onnx")
+    model = onnx.load(str(backend.path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 io
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    backend = OnnxBackend(backbone, path)
-    assert backend.fp16
     sets = make_sets(backbone, [(2, 2, 3), (1, 0, 2)])
     tasks = TaskBatch.from_prompt_sets(sets)
     index = torch.tensor([0, 1, 1])
     images = images_for(backbone, 3)
-    diff = mixed_logits(backend, tasks, images, index) - mixed_logits(
-        TorchBackend(backbone), tasks, images, index
-    )
-    assert 0 < diff.abs().max() <= 5e-2  # really half precision, still close
+    got = mixed_logits(backend, tasks, images.half(), index)
+    assert got.dtype == torch.float32
+    diff = (got - mixed_logits(TorchBackend(backbone), tasks, images, index)).abs().max()
+    assert 0 < diff <= 5e-2  # really half precision, still close to the float32 model
 
 
 @pytest.mark.parametrize(
