@@ -110,7 +110,7 @@ class PromptCache:
 
     def _try_subscribe(self) -> bool:
         try:
-            self._subscription = self.store.subscribe(self.on_event)
+            self._subscription = self.store.subscribe(self.on_event, on_reconnect=self.check_versions)
             return True
         except StoreUnavailable as exc:
             self._store_error(exc)

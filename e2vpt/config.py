@@ -57,8 +57,6 @@ class Settings(BaseSettings):
     cache_preload_tasks: list[str] = []
     # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
     cache_version_check_ms: int = 500
-    # Redis socket timeout for the serving path (seconds): an outage must fail fast (503), not hang.
-    store_socket_timeout: float = 1.0
     # Metrics: per-task labels for the N busiest tasks, the rest as "other".
     metrics_top_tasks: int = 50
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
