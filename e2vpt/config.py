@@ -80,3 +80,14 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def settings_with_defaults(defaults: dict[str, object]) -> Settings:
+    """Settings whose defaults come from `defaults` (e.g. the engine config packed into a .mar), while
+    environment variables (E2VPT_*) still override them."""
+    from_env = Settings()
+    unknown = set(defaults) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    merged = {**defaults, **{k: getattr(from_env, k) for k in from_env.model_fields_set}}
+    return Settings(**merged)

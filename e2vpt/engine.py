@@ -85,7 +85,9 @@ def make_backend(name: str, backbone: Backbone, settings: Settings) -> FeatureBa
 
 def serving_dtype(settings: Settings) -> torch.dtype:
     if settings.serving_dtype not in DTYPES:
-        raise BadRequest(f"unknown serving dtype {settings.serving_dtype!r}; expected one of {sorted(DTYPES)}")
+        raise BadRequest(
+            f"unknown serving dtype {settings.serving_dtype!r}; expected one of {sorted(DTYPES)}"
+        )
     return DTYPES[settings.serving_dtype]
 
 
@@ -118,6 +120,7 @@ class MultiTaskEngine:
             metrics=self.metrics,
         )
         self.preload_errors: dict[str, E2VPTError] = {}
+        self.metrics_endpoint: Any = None  # set by whoever serves the metrics over HTTP
         if start:
             self.preload_errors = self.cache.start(self.settings.cache_preload_tasks)
 
@@ -142,6 +145,8 @@ class MultiTaskEngine:
         return cls(backbone, store, settings, start=start)
 
     def close(self) -> None:
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         self.cache.close()
         self.store.close()
 
@@ -216,7 +221,8 @@ class MultiTaskEngine:
             probs = torch.softmax(logits[b, :c], dim=0)
             scores, idx = probs.topk(min(k, c))
             preds = [
-                Prediction(entry.labels[j], float(s)) for s, j in zip(scores.tolist(), idx.tolist(), strict=True)
+                Prediction(entry.labels[j], float(s))
+                for s, j in zip(scores.tolist(), idx.tolist(), strict=True)
             ]
             results.append(Result(task_id, entry.version, preds))
         return results
