@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     ts_startup_timeout_s: int = 120
     ts_token_expiration_min: int = 60
     ts_model_name: str = "e2vpt"
+    ts_java_heap_mb: int = 1024
+    ts_job_queue_size: int = 1000
+    ts_max_request_size: int = 24 * 1024 * 1024  # base64 JSON of a max_image_bytes image fits
+    ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
+    ts_mar_dir: str = "model_store/build"
 
 
 @lru_cache(maxsize=1)
