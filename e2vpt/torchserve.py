@@ -12,6 +12,7 @@ TorchServe runs in the foreground in its own process group; `stop()` ends that g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -128,7 +129,9 @@ class TorchServe:
         self.workdir = Path(workdir).resolve()
         self.workers = workers if workers is not None else s.ts_workers
         self.batch_size = batch_size if batch_size is not None else s.ts_batch_size
-        self.max_batch_delay_ms = max_batch_delay_ms if max_batch_delay_ms is not None else s.ts_max_batch_delay_ms
+        self.max_batch_delay_ms = (
+            max_batch_delay_ms if max_batch_delay_ms is not None else s.ts_max_batch_delay_ms
+        )
         self.bind = bind or s.ts_bind
         self.inference_port = inference_port or free_port()
         self.management_port = management_port or free_port()
@@ -214,7 +217,9 @@ class TorchServe:
     def start(self, timeout: float | None = None) -> TorchServe:
         """Start and wait until every worker is READY (raises TorchServeError with the log tail if not)."""
         if not self.mar.is_file():
-            raise FileNotFoundError(f"{self.mar} does not exist (build it: python -m e2vpt.cli serve build-mar)")
+            raise FileNotFoundError(
+                f"{self.mar} does not exist (build it: python -m e2vpt.cli serve build-mar)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / "tmp"
         prom = self.workdir / "prometheus"
@@ -295,7 +300,9 @@ class TorchServe:
         raise TorchServeError(f"TorchServe not ready after {timeout:.0f}s ({last})\n{self.log_tail()}")
 
     def describe_model(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.management_url}/models/{self.model_name}", headers=self.auth("management"), timeout=5)
+        r = httpx.get(
+            f"{self.management_url}/models/{self.model_name}", headers=self.auth("management"), timeout=5
+        )
         r.raise_for_status()
         return r.json()
 
@@ -333,10 +340,8 @@ def stop_group(pid: int, timeout: float = 20.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # ---------------------------------------------------------------------- CLI: e2vpt serve ...
@@ -402,7 +407,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--checkpoint", help="backbone safetensors written by save_checkpoint (default: settings)")
     b.add_argument("--export-dir", help="where the .mar goes (default: model_store/build)")
     b.add_argument("--model-name")
-    b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="engine setting baked in")
+    b.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="engine setting baked in"
+    )
     b.set_defaults(func=_cmd_build)
     s = sub.add_parser("start", help="start TorchServe in the background and wait until it is ready")
     s.add_argument("--mar")
