@@ -169,7 +169,10 @@ class MultiTaskEngine:
                 k = item.top_k if item.top_k is not None else default_k
                 if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                     raise BadRequest(f"top_k must be a positive integer, got {k!r}")
-                x = self.transform(decode_image(item.image))
+                img = decode_image(
+                    item.image, max_pixels=self.settings.max_image_pixels, max_bytes=self.settings.max_image_bytes
+                )
+                x = self.transform(img)
                 ready.append((i, task_id, x, k))
             except E2VPTError as exc:
                 out[i] = exc

@@ -14,6 +14,7 @@ typed error for that item only (400 missing/bad input, 404, 413, 422, 503 come f
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import json
 import logging
@@ -32,6 +33,7 @@ from e2vpt.metrics import MetricsEndpoint
 log = logging.getLogger(__name__)
 
 TASK_HEADER = "x-task-id"
+WORKER_HEADER = "X-E2VPT-Worker"  # response header: the worker process that answered (debugging, tests)
 TOP_K_HEADER = "x-top-k"
 IMAGE_FIELDS = ("image", "file")
 RAW_FIELDS = ("body", "data")
@@ -45,6 +47,8 @@ class TSContext(Protocol):
     def get_all_request_header(self, idx: int) -> Mapping[str, Any]: ...
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None: ...
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None: ...
 
 
 def _text(value: Any) -> str:
@@ -180,7 +184,10 @@ def handle_batch(
     items = parse_batch(data, context)
     results = engine.predict(items)
     out: list[Any] = []
+    worker = str(os.getpid())
     for idx, res in enumerate(results):
+        with contextlib.suppress(Exception):  # contexts without response headers
+            context.set_response_header(idx, WORKER_HEADER, worker)
         if isinstance(res, Result):
             out.append(res.to_dict())
         else:
