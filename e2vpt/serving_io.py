@@ -14,8 +14,8 @@ typed error for that item only (400 missing/bad input, 404, 413, 422, 503 come f
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 import json
 import logging
 import os
