@@ -52,7 +52,8 @@ def onnx_cache_path(backbone: Backbone, settings: Settings) -> Path:
     """Where `make_backend` keeps the graph it exports: one file per fingerprint and export options."""
     s = settings
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.info.fingerprint)
-    name = f"{key}-p{s.onnx_max_prompts}-t{s.onnx_max_kv}-o{s.onnx_opset}-{s.onnx_exporter}"
+    max_p, max_t = s.onnx_limits
+    name = f"{key}-p{max_p}-t{max_t}-o{s.onnx_opset}-{s.onnx_exporter}"
     return Path(s.onnx_cache_dir).expanduser() / f"{name}{'-fp16' if s.onnx_fp16 else ''}.onnx"
 
 

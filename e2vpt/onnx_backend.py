@@ -193,8 +193,8 @@ def create_backend(backbone: Backbone, settings: Settings) -> OnnxBackend:
             export_onnx(
                 backbone,
                 path,
-                max_prompts=settings.onnx_max_prompts,
-                max_kv=settings.onnx_max_kv,
+                max_prompts=settings.onnx_limits[0],
+                max_kv=settings.onnx_limits[1],
                 opset=settings.onnx_opset,
                 fp16=fp16,
                 exporter=settings.onnx_exporter,
