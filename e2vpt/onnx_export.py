@@ -69,6 +69,7 @@ DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "legacy")
 OPSETS = {"legacy": range(17, 21), "dynamo": range(18, 23)}
 POOLS = ("token", "avg", "max", "avgmax", "map")
+MAX_GRAPH_BYTES = 2**31 - 64 * 2**20  # protobuf's 2 GB limit, with room for the graph itself
 # Parity bar for the export-time check (float32; fp16 graphs are checked more loosely).
 VERIFY_ATOL = {False: 1e-3, True: 5e-2}
 
@@ -127,6 +128,12 @@ def check_exportable(
     if backbone.dtype != torch.float32 and not (backbone.dtype == torch.float16 and fp16):
         raise ExportError(
             f"a {backbone.dtype} backbone exports only with fp16=True (float16 weights) or from float32 weights"
+        )
+    weight_bytes = sum(t.numel() * (2 if fp16 else 4) for t in vit.state_dict().values())
+    if weight_bytes >= MAX_GRAPH_BYTES:
+        raise ExportError(
+            f"{backbone.info.name} has {weight_bytes / 1e9:.2f} GB of weights: single-file ONNX graphs are "
+            "limited to 2 GB (protobuf); export with fp16=True or use a smaller backbone"
         )
     limit = get_settings()
     for name, value, cap in (

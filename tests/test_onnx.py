@@ -284,3 +284,13 @@ def test_cli_export(backbone: Backbone, tmp_path: Path, capsys: pytest.CaptureFi
         cli.main(
             ["export-onnx", "--backbone", "vit_tiny_patch16_224", "--model-kwargs", bad, "--out", str(out)]
         )
+
+
+def test_refuses_graphs_over_two_gigabytes(backbone: Backbone) -> None:
+    import timm
+
+    with torch.device("meta"):  # shapes only: no 2.5 GB allocation
+        huge = timm.create_model("vit_huge_patch14_224", depth=32)
+    big = Backbone(model=huge, info=backbone.info)
+    with pytest.raises(ExportError, match="2 GB"):
+        check_exportable(big, max_prompts=1, max_kv=1, opset=18)
