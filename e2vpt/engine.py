@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from e2vpt.backbone import Backbone, load_backbone
+from e2vpt.backbone import Backbone, load_backbone, read_checkpoint_spec
 from e2vpt.backends import FeatureBackend, TorchBackend
 from e2vpt.cache import CachedPrompts, PromptCache
 from e2vpt.config import Settings, get_settings
@@ -128,8 +128,11 @@ class MultiTaskEngine:
     def from_settings(cls, settings: Settings | None = None, *, start: bool = True) -> MultiTaskEngine:
         """Backbone (name / checkpoint, device, dtype), store, backend and cache, all from Settings."""
         settings = settings or get_settings()
+        ckpt = settings.backbone_checkpoint
+        # a checkpoint saved by this project names its own model; other weight files need the settings' name
+        name = None if ckpt and read_checkpoint_spec(ckpt) is not None else settings.backbone
         backbone = load_backbone(
-            settings.backbone if not settings.backbone_checkpoint else None,
+            name,
             checkpoint=settings.backbone_checkpoint,
             pretrained=settings.backbone_pretrained,
             device=settings.device,
