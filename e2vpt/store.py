@@ -297,7 +297,7 @@ class PromptStore:
     def _change_keys(self, task_id: str) -> list[str]:
         return [self._k_current, self._k_counter, self._k_summary, self._k_index, *self._task_keys(task_id)]
 
-    def keys(self) -> list[bytes]:
+    def all_keys(self) -> list[bytes]:
         """Every key of this namespace and backbone (tests and benchmarks use it for snapshots/cleanup)."""
         with _wrap_redis():
             pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":*"
@@ -305,7 +305,7 @@ class PromptStore:
 
     def drop_all(self) -> int:
         """Delete every key of this namespace and backbone (publishes nothing). Returns the number deleted."""
-        keys = self.keys()
+        keys = self.all_keys()
         with _wrap_redis():
             return sum(self.client.delete(*keys[i : i + 500]) for i in range(0, len(keys), 500))
 
