@@ -40,6 +40,12 @@ class IncompatiblePromptSet(InvalidPromptSet):
     code = "incompatible_prompt_set"
 
 
+class TaskIdMismatch(InvalidPromptSet):
+    """A file uploaded under one task id whose metadata names another (registry API)."""
+
+    code = "task_id_mismatch"
+
+
 class PromptSetTooLarge(E2VPTError):
     http_status = 413
     code = "prompt_set_too_large"

@@ -44,6 +44,7 @@ from e2vpt.errors import (
     InvalidTaskId,
     PromptSetTooLarge,
     StoreUnavailable,
+    TaskIdMismatch,
     TaskNotFound,
     VersionNotFound,
 )
@@ -319,9 +320,16 @@ class PromptStore:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
         return self._write(ps, data)
 
-    def register_bytes(self, data: bytes) -> tuple[PromptSet, int]:
-        """Parse and validate a prompt-set file at the door, then store it. Nothing is written on error."""
+    def register_bytes(self, data: bytes, *, task_id: str | None = None) -> tuple[PromptSet, int]:
+        """Parse and validate a prompt-set file at the door, then store it. Nothing is written on error.
+
+        With `task_id`, the file's own task id must equal it (`TaskIdMismatch` otherwise).
+        """
+        if task_id is not None:
+            check_task_id(task_id)
         ps = PromptSet.from_bytes(data).validate(self.info)
+        if task_id is not None and ps.task_id != task_id:
+            raise TaskIdMismatch(f"the file is task {ps.task_id!r}, uploaded as {task_id!r}")
         return ps, self._write(ps, ps.to_bytes())
 
     def _write(self, ps: PromptSet, data: bytes) -> int:
