@@ -92,6 +92,22 @@ class StoreUnavailable(E2VPTError):
     code = "store_unavailable"
 
 
+class RegistryRequestError(E2VPTError):
+    """An error answered by the registry API to a client (CLI): carries the server's status and code."""
+
+    def __init__(self, message: str, *, status: int, code: str = "registry_error") -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.code = code
+
+
+class RegistryUnreachable(E2VPTError):
+    """The registry API cannot be reached (connection refused, timeout)."""
+
+    http_status = 503
+    code = "registry_unreachable"
+
+
 class UnsupportedBackbone(E2VPTError):
     """A model that is not a timm VisionTransformer this project can prompt (or export)."""
 
