@@ -30,7 +30,6 @@ from e2vpt.config import Settings, get_settings
 from e2vpt.errors import (
     BadRequest,
     E2VPTError,
-    InvalidPromptSet,
     PromptSetTooLarge,
     Unauthorized,
     http_status,
@@ -170,13 +169,22 @@ Cursor = Annotated[str, Query(max_length=256, description="the previous page's n
 Limit = Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)]
 
 
-def create_app(source: Settings | PromptStore | None = None, *, token: str | None = None) -> FastAPI:
-    """The registry app over a store (or one built from settings: Redis URL, namespace, backbone)."""
-    settings = get_settings()
+def create_app(
+    source: Settings | PromptStore | None = None,
+    *,
+    settings: Settings | None = None,
+    token: str | None = None,
+) -> FastAPI:
+    """The registry app over a store, or over one built from settings (Redis URL, namespace, backbone).
+
+    `settings` (default: the process settings) gives the token, auth and size options when `source` is a
+    store; `token` overrides the configured token.
+    """
     if isinstance(source, PromptStore):
         store = source
+        settings = settings or get_settings()
     else:
-        settings = source or settings
+        settings = source or settings or get_settings()
         from e2vpt.backbone import load_backbone
 
         backbone = load_backbone(
@@ -184,7 +192,13 @@ def create_app(source: Settings | PromptStore | None = None, *, token: str | Non
             checkpoint=settings.backbone_checkpoint,
             pretrained=settings.backbone_pretrained,
         )
-        store = PromptStore(settings.redis_url, backbone.info, keep_versions=settings.keep_versions)
+        store = PromptStore(
+            settings.redis_url,
+            backbone.info,
+            namespace=settings.store_namespace,
+            keep_versions=settings.keep_versions,
+            socket_timeout=settings.store_socket_timeout,
+        )
     write_token = token if token is not None else read_token(settings)
     auth_reads = settings.registry_auth_reads
     max_bytes = settings.max_prompt_set_bytes
@@ -274,8 +288,6 @@ def create_app(source: Settings | PromptStore | None = None, *, token: str | Non
             raise BadRequest(
                 f"unsupported content type {ctype!r}: send {OCTET_STREAM} or multipart/form-data"
             )
-        if not data:
-            raise InvalidPromptSet("empty body: send a prompt-set file")
         _, version = await run_in_threadpool(store.register_bytes, data, task_id=task_id)
         metrics.changes.labels(action="register").inc()
         metrics.sizes.observe(len(data))
