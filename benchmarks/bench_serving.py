@@ -169,8 +169,8 @@ def bench_http(ts: TorchServe, store: PromptStore, info: Any, tasks: list[str], 
                                        for t in tasks))  # fmt: skip
 
     asyncio.run(warm_all())
-    for mix in ("one", "uniform", "zipf"):
-        for conc in concurrencies:
+    for conc in concurrencies:  # mixes interleaved per level: drifting machine load hits all of them alike
+        for mix in ("one", "uniform", "zipf"):
             res = asyncio.run(http_load(ts.predictions_url, headers, task_sampler(mix, rng, tasks), images, conc,
                                         seconds))  # fmt: skip
             out["runs"][f"{mix}_c{conc}"] = res

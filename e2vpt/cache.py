@@ -159,6 +159,9 @@ class PromptCache:
         with self._lock:
             return {t: e.version for t, e in self._entries.items()}
 
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._entries
+
     def get(self, task_id: str) -> CachedPrompts:
         res = self.get_many([task_id])[task_id]
         if isinstance(res, E2VPTError):

@@ -173,7 +173,9 @@ class MultiTaskEngine:
                 if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                     raise BadRequest(f"top_k must be a positive integer, got {k!r}")
                 img = decode_image(
-                    item.image, max_pixels=self.settings.max_image_pixels, max_bytes=self.settings.max_image_bytes
+                    item.image,
+                    max_pixels=self.settings.max_image_pixels,
+                    max_bytes=self.settings.max_image_bytes,
                 )
                 x = self.transform(img)
                 ready.append((i, task_id, x, k))
@@ -203,7 +205,14 @@ class MultiTaskEngine:
         final: list[Result | E2VPTError] = []
         for item, res in zip(items, out, strict=True):
             assert res is not None
+            # a task label only for registered tasks (known here): junk ids must not create label values
             task_id = item.task_id if isinstance(item, RequestItem) else None
+            known = isinstance(res, Result) or (
+                task_id is not None
+                and not isinstance(resolved.get(task_id), E2VPTError)
+                and task_id in self.cache
+            )
+            task_id = task_id if known else None
             self.metrics.observe_item(task_id, 200 if isinstance(res, Result) else http_status(res), elapsed)
             final.append(res)
         return final

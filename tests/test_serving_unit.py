@@ -345,11 +345,13 @@ def test_engine_metrics_counts(backbone: Backbone, store: PromptStore) -> None:
     eng = MultiTaskEngine(backbone, store, Settings(), metrics=metrics)
     try:
         eng.predict([RequestItem("a", image_bytes(1))] * 3 + [RequestItem("zzz", image_bytes(1))])
-        eng.predict([RequestItem("a", image_bytes(2))])
+        eng.predict([RequestItem("a", image_bytes(2)), RequestItem("a", b"junk"), RequestItem("b", b"junk")])
     finally:
         eng.close()
     text = generate_latest(metrics.registry).decode()
-    assert 'e2vpt_request_latency_seconds_count{task="a"} 4.0' in text
+    assert 'e2vpt_request_latency_seconds_count{task="a"} 5.0' in text
+    assert 'e2vpt_requests_total{status="400",task="a"} 1.0' in text  # bad image for a known task
+    assert 'e2vpt_requests_total{status="400",task="unknown"} 1.0' in text  # never-loaded task b
     assert 'e2vpt_request_latency_seconds_bucket{le="0.0005",task="a"}' in text
     assert 'e2vpt_requests_total{status="404",task="unknown"} 1.0' in text
     assert "e2vpt_batch_size_count 2.0" in text and "e2vpt_cache_misses_total 2.0" in text
