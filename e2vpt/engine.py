@@ -117,6 +117,7 @@ class MultiTaskEngine:
             max_bytes=self.settings.cache_max_bytes,
             pinned=self.settings.cache_pinned_tasks,
             version_check_ms=self.settings.cache_version_check_ms,
+            store_backoff_ms=self.settings.cache_store_backoff_ms,
             metrics=self.metrics,
         )
         self.preload_errors: dict[str, E2VPTError] = {}

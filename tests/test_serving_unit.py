@@ -309,7 +309,9 @@ def test_redis_outage_serves_cached_and_recovers(backbone: Backbone, tmp_path) -
     try:
         store.register(make_set("cached", backbone))
         store.register(make_set("cold", backbone, seed=1))
-        eng = MultiTaskEngine(backbone, store, Settings(cache_version_check_ms=0), metrics=metrics)
+        eng = MultiTaskEngine(
+            backbone, store, Settings(cache_version_check_ms=0, cache_store_backoff_ms=5_000), metrics=metrics
+        )
         img = image_bytes(1)
         assert isinstance(eng.predict([RequestItem("cached", img)])[0], Result)
         server.stop()
@@ -317,7 +319,11 @@ def test_redis_outage_serves_cached_and_recovers(backbone: Backbone, tmp_path) -
         assert (
             isinstance(out[0], Result) and isinstance(out[1], StoreUnavailable) and out[1].http_status == 503
         )
-        assert eng.cache.stats.store_errors >= 1
+        errors = eng.cache.stats.store_errors
+        assert errors >= 1
+        # within the back-off, a cold load fails at once without waiting on Redis again
+        assert isinstance(eng.predict([RequestItem("cold", img)])[0], StoreUnavailable)
+        assert eng.cache.stats.store_errors == errors
         server.start()
         assert _wait_for(lambda: isinstance(eng.predict([RequestItem("cold", img)])[0], Result), 15)
         # the subscription came back too: an update reaches the cache without a version check
