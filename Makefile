@@ -26,3 +26,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build runs .pytest_cache
+
+demo: setup
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
