@@ -142,7 +142,7 @@ def read_checkpoint_spec(path: str | Path) -> dict[str, Any] | None:
 def save_checkpoint(
     model: VisionTransformer, name: str, model_kwargs: dict[str, Any], path: str | Path
 ) -> Path:
-    """Save a backbone as .safetensors with the spec needed to rebuild it (`load_backbone(checkpoint=path)`)."""
+    """Save a backbone as .safetensors with the spec to rebuild it: `load_backbone(checkpoint=path)`."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -197,7 +197,8 @@ def load_backbone(
                 missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
                 if missing or unexpected:
                     raise UnsupportedBackbone(
-                        f"checkpoint {path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                        f"checkpoint {path} does not fit {name}: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                     )
         except UnsupportedBackbone:
             raise

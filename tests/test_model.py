@@ -405,3 +405,22 @@ def test_forward_task_equals_forward_multi_in_eval(model: PromptedViT, backbone:
     back = prompts.to_prompt_set(ps)
     assert torch.equal(back.visual, ps.visual) and torch.equal(back.kv, ps.kv)
     assert back.token_mask is None and back.segment_mask is None
+
+
+def test_training_gradients_match_reference(backbone: Backbone) -> None:
+    """Gradients through the (in-place) prompt replacement equal those of the reference loop."""
+    model = PromptedViT(backbone).train()
+    ps = make_set(backbone, "grad", P=3, T=2, C=4, share_kv=False, seed=9)
+    prompts = TaskPrompts.from_prompt_set(ps, prompt_dropout=0.0)
+    images = images_for(backbone, 2)
+    target = torch.tensor([1, 3])
+    nn.functional.cross_entropy(model.forward_task(images, prompts), target).backward()
+    visual = ps.visual.clone().requires_grad_(True)
+    kv = ps.kv.clone().requires_grad_(True)
+    weight = ps.head_weight.clone().requires_grad_(True)
+    feats = reference_features(backbone.model, images, visual, kv)
+    nn.functional.cross_entropy(feats @ weight.T + ps.head_bias, target).backward()
+    assert (prompts.visual.grad - visual.grad).abs().max() <= 1e-5
+    assert (prompts.kv.grad - kv.grad).abs().max() <= 1e-5
+    assert (prompts.head.weight.grad - weight.grad).abs().max() <= 1e-5
+    assert visual.grad[1].abs().sum() > 0  # the prompts of block 1 (replaced in place) get gradients
