@@ -40,6 +40,11 @@ def prompted_attention(attn: nn.Module, x: Tensor, kv_prompt: Tensor | None, mas
     return attn.proj_drop(attn.proj(x))
 
 
+def _capturing_graph() -> bool:
+    """True while an exporter or compiler traces the model (then in-place updates are avoided)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
 def key_padding_mask(
     B: int,
     npre: int,
@@ -49,11 +54,16 @@ def key_padding_mask(
     visual_valid: Tensor | None,
     kv_valid: Tensor | None,
     dtype: torch.dtype,
+    always: bool = False,
 ) -> Tensor | None:
     """Additive attention mask [B, 1, 1, npre + P + n_patches + T] (0 = attend, -inf = padding), or None
     when nothing is padded (then the fused attention runs without a mask)."""
-    pad_p = P > 0 and visual_valid is not None and not bool(visual_valid.all())
-    pad_t = T > 0 and kv_valid is not None and not bool(kv_valid.all())
+    if always:  # graph capture: no data-dependent branch, the mask is built whenever masks are given
+        pad_p = P > 0 and visual_valid is not None
+        pad_t = T > 0 and kv_valid is not None
+    else:
+        pad_p = P > 0 and visual_valid is not None and not bool(visual_valid.all())
+        pad_t = T > 0 and kv_valid is not None and not bool(kv_valid.all())
     if not (pad_p or pad_t):
         return None
     device = (visual_valid if pad_p else kv_valid).device  # type: ignore[union-attr]
@@ -257,14 +267,17 @@ class PromptedViT(nn.Module):
         npre = vit.num_prefix_tokens
         P = visual.shape[2] if visual is not None else 0
         T = kv.shape[4] if kv is not None else 0
-        mask = key_padding_mask(B, npre, x.shape[1] - npre, P, T, visual_valid, kv_valid, x.dtype)
+        tracing = _capturing_graph()
+        mask = key_padding_mask(B, npre, x.shape[1] - npre, P, T, visual_valid, kv_valid, x.dtype, tracing)
         for i, blk in enumerate(vit.blocks):
             if P and i == 0:
                 x = torch.cat([x[:, :npre], visual[:, 0].to(x.dtype), x[:, npre:]], dim=1)
-            elif P:
+            elif P and not tracing:
                 # replace the previous block's outputs at the prompt positions (in place: the block's
                 # output is a fresh tensor no backward saved; autograd records the copy)
                 x[:, npre : npre + P] = visual[:, i]
+            elif P:  # graph capture (ONNX / torch.export / TorchScript): the same thing, out of place
+                x = torch.cat([x[:, :npre], visual[:, i].to(x.dtype), x[:, npre + P :]], dim=1)
             x = prompted_block(blk, x, kv[:, i] if T else None, mask)
         x = vit.norm(x)
         if P and vit.global_pool != "token":

@@ -424,3 +424,23 @@ def test_training_gradients_match_reference(backbone: Backbone) -> None:
     assert (prompts.kv.grad - kv.grad).abs().max() <= 1e-5
     assert (prompts.head.weight.grad - weight.grad).abs().max() <= 1e-5
     assert visual.grad[1].abs().sum() > 0  # the prompts of block 1 (replaced in place) get gradients
+
+
+def test_graph_capture_path_gives_the_same_logits(
+    model: PromptedViT, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ONNX/torch.export capture the forward avoids in-place updates and data-dependent mask
+    decisions; it must compute the same thing."""
+    import e2vpt.model as model_module
+
+    sets = mixed_sets(backbone)
+    task_index = list(range(len(sets)))
+    images = images_for(backbone, len(sets), seed=4)
+    with torch.no_grad():
+        eager = run_sets(model, images, sets, task_index)
+        uniform = run_sets(model, images[:2], sets[3:4], [0, 0])  # nothing padded: no mask in eager mode
+        monkeypatch.setattr(model_module, "_capturing_graph", lambda: True)
+        captured = run_sets(model, images, sets, task_index)
+        uniform_captured = run_sets(model, images[:2], sets[3:4], [0, 0])
+    assert (eager - captured).abs().max() <= 1e-5
+    assert (uniform - uniform_captured).abs().max() <= 1e-5
