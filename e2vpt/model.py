@@ -42,7 +42,12 @@ def prompted_attention(attn: nn.Module, x: Tensor, kv_prompt: Tensor | None, mas
 
 def _capturing_graph() -> bool:
     """True while an exporter or compiler traces the model (then in-place updates are avoided)."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
 
 
 def key_padding_mask(
