@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     )
     store_namespace: str = "e2vpt"
     keep_versions: int = 10
+    store_socket_timeout: float = 5.0  # seconds; Redis calls slower than this raise StoreUnavailable
+
+    # --- registry HTTP API and `e2vpt tasks` CLI (issue 4) -----------------------------------------
+    registry_host: str = "127.0.0.1"
+    registry_port: int = 8000
+    registry_url: str = "http://127.0.0.1:8000"  # where the CLI finds the registry API
+    registry_token: str | None = None  # bearer token for writes (prefer registry_token_file)
+    registry_token_file: str | None = None  # a file holding the token (Docker/K8s secret); wins over the env
+    registry_auth_reads: bool = False  # reads need the token too
+    registry_client_timeout: float = 30.0  # CLI HTTP timeout, seconds
 
 
 @lru_cache(maxsize=1)
