@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     cache_preload_tasks: list[str] = []
     # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
     cache_version_check_ms: int = 500
+    # After a store error, fail cold loads at once (503) and skip version checks for this long: a Redis that
+    # times out (rather than refusing) must not stall every batch for store_socket_timeout.
+    cache_store_backoff_ms: int = 1000
     # Metrics: per-task labels for the N busiest tasks, the rest as "other".
     metrics_top_tasks: int = 50
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).

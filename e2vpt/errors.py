@@ -40,6 +40,12 @@ class IncompatiblePromptSet(InvalidPromptSet):
     code = "incompatible_prompt_set"
 
 
+class TaskIdMismatch(InvalidPromptSet):
+    """A file uploaded under one task id whose metadata names another (registry API)."""
+
+    code = "task_id_mismatch"
+
+
 class PromptSetTooLarge(E2VPTError):
     http_status = 413
     code = "prompt_set_too_large"
@@ -84,6 +90,22 @@ class StoreUnavailable(E2VPTError):
 
     http_status = 503
     code = "store_unavailable"
+
+
+class RegistryRequestError(E2VPTError):
+    """An error answered by the registry API to a client (CLI): carries the server's status and code."""
+
+    def __init__(self, message: str, *, status: int, code: str = "registry_error") -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.code = code
+
+
+class RegistryUnreachable(E2VPTError):
+    """The registry API cannot be reached (connection refused, timeout)."""
+
+    http_status = 503
+    code = "registry_unreachable"
 
 
 class UnsupportedBackbone(E2VPTError):

@@ -13,15 +13,15 @@ C per task and are tiny (one matmul), while keeping them out means the graph nev
 added and needs no third padded dimension.
 
 Choices:
-- Exporter: `torch.onnx.export(dynamo=True)` (torch.export) by default. It records the one path that
-  `PromptedViT.forward_features(always_mask=True)` takes for every input; P and T are symbolic, so
-  the same graph runs P = 0 and T = 0 as zero-size dimensions (concatenating an empty tensor and
-  slicing from npre + 0 are no-ops; checked at export and in tests). The legacy TorchScript tracer
-  (`exporter="legacy"`) gives the same graph for this model (tracing would silently bake the
-  data-dependent mask check in, which is why `always_mask` exists) and exports in a fraction of the
-  time; it is deprecated upstream, so it is the fallback, not the default.
-- Attention: `F.scaled_dot_product_attention` with a boolean key-padding mask exports as
-  MatMul/Softmax with a Where(-inf) on padded keys; onnxruntime fuses what it can. Masked keys get
+- Exporter: `torch.onnx.export(dynamo=True)` (torch.export) by default. Under graph capture
+  `PromptedViT.forward_features` takes one path for every input (the key-padding mask is always built,
+  prompts are replaced out of place); P and T are symbolic, so the same graph runs P = 0 and T = 0 as
+  zero-size dimensions (concatenating an empty tensor and slicing from npre + 0 are no-ops; checked at
+  export and in tests). The legacy TorchScript tracer (`exporter="legacy"`) gives an equivalent graph
+  (tracing would silently bake the eager, data-dependent "is anything padded?" check in; the model
+  avoids it while tracing) and exports ~20x faster; it is deprecated upstream, so it is the fallback.
+- Attention: `F.scaled_dot_product_attention` with the additive (0 / -inf) key-padding mask exports
+  as MatMul/Softmax (+ mask) and onnxruntime fuses what it can. Masked keys get
   exactly zero weight, so padding never changes a real image's result.
 - Opset 18 by default: LayerNormalization is a single op from opset 17, and 18 is the dynamo
   exporter's native opset (no version conversion). Supported: 17..20 with the legacy exporter,
@@ -75,7 +75,7 @@ VERIFY_ATOL = {False: 1e-3, True: 5e-2}
 
 
 class FeatureGraph(nn.Module):
-    """What is exported: `PromptedViT.forward_features` with the key-padding mask always built.
+    """What is exported: `PromptedViT.forward_features` (its graph-capture path: mask always built).
 
     With `compute_dtype` float16 the (copied) backbone runs in half precision between casts, so graph
     inputs and output stay float32."""
@@ -89,9 +89,7 @@ class FeatureGraph(nn.Module):
         self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
     ) -> Tensor:
         dt = self.compute_dtype
-        feats = self.model.forward_features(
-            images.to(dt), visual.to(dt), kv.to(dt), visual_valid, kv_valid, always_mask=True
-        )
+        feats = self.model.forward_features(images.to(dt), visual.to(dt), kv.to(dt), visual_valid, kv_valid)
         return feats.float()
 
 
