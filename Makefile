@@ -20,9 +20,15 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
+bench: setup
+	$(BIN)/python benchmarks/bench_model.py
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build runs .pytest_cache
+
+demo: setup
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)

@@ -88,9 +88,13 @@ def check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedBackbone(f"{type(model).__name__} is not a timm VisionTransformer")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
-            raise UnsupportedBackbone(f"block {i} is a {type(blk).__name__}; only timm's pre-norm Block is supported")
+            raise UnsupportedBackbone(
+                f"block {i} is a {type(blk).__name__}; only timm's pre-norm Block is supported"
+            )
         if type(blk.attn) is not Attention:
-            raise UnsupportedBackbone(f"block {i} uses {type(blk.attn).__name__}; only timm's Attention is supported")
+            raise UnsupportedBackbone(
+                f"block {i} uses {type(blk.attn).__name__}; only timm's Attention is supported"
+            )
 
 
 def fingerprint_model(name: str, model: torch.nn.Module) -> str:
@@ -122,13 +126,23 @@ def read_checkpoint_spec(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[CHECKPOINT_META_KEY]) if CHECKPOINT_META_KEY in meta else None
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        spec = json.loads(meta[CHECKPOINT_META_KEY]) if CHECKPOINT_META_KEY in meta else None
+    except Exception as exc:  # not a safetensors file, or a spec that is not JSON
+        raise UnsupportedBackbone(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+        raise UnsupportedBackbone(f"checkpoint {path} has a malformed {CHECKPOINT_META_KEY!r} spec")
+    return spec
 
 
-def save_checkpoint(model: VisionTransformer, name: str, model_kwargs: dict[str, Any], path: str | Path) -> Path:
-    """Save a backbone as .safetensors with the spec needed to rebuild it (`load_backbone(checkpoint=path)`)."""
+def save_checkpoint(
+    model: VisionTransformer, name: str, model_kwargs: dict[str, Any], path: str | Path
+) -> Path:
+    """Save a backbone as .safetensors with the spec to rebuild it: `load_backbone(checkpoint=path)`."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -162,7 +176,9 @@ def load_backbone(
         name = name or spec["name"]
         model_kwargs = {**spec.get("model_kwargs", {}), **model_kwargs}
     if not name:
-        raise UnsupportedBackbone("a backbone needs a timm model name (or a checkpoint saved by this project)")
+        raise UnsupportedBackbone(
+            "a backbone needs a timm model name (or a checkpoint saved by this project)"
+        )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -174,14 +190,22 @@ def load_backbone(
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-        if path.suffix.lower() == ".npz":
-            model.load_pretrained(str(path))
-        else:
-            missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
-            if missing or unexpected:
-                raise UnsupportedBackbone(
-                    f"checkpoint {path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+        try:
+            if path.suffix.lower() == ".npz":
+                model.load_pretrained(str(path))
+            else:
+                missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
+                if missing or unexpected:
+                    raise UnsupportedBackbone(
+                        f"checkpoint {path} does not fit {name}: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                    )
+        except UnsupportedBackbone:
+            raise
+        except Exception as exc:  # corrupt file, wrong shapes, wrong layout: one typed error with the cause
+            raise UnsupportedBackbone(
+                f"cannot load checkpoint {path} into {name}: {type(exc).__name__}: {exc}"
+            ) from exc
         log.info("loaded backbone %s from %s", name, path)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)

@@ -51,7 +51,8 @@ def check_task_id(task_id: object) -> str:
     """Task ids: 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
         raise InvalidTaskId(
-            f"invalid task id {task_id!r}: use 1-128 characters [A-Za-z0-9._-], starting with a letter or digit"
+            f"invalid task id {task_id!r}: use 1-128 characters [A-Za-z0-9._-], "
+            "starting with a letter or digit"
         )
     return task_id
 
@@ -123,10 +124,17 @@ class PromptSet:
         if self.segment_mask is not None:
             kept_tokens = self.token_mask.bool() if self.token_mask is not None else slice(None)
             seg = self.segment_mask[kept_tokens].float()
-            visual = int(seg.sum().item() * (self.visual.shape[2] // max(seg.shape[1], 1))) * self.visual.shape[0]
+            visual = (
+                int(seg.sum().item() * (self.visual.shape[2] // max(seg.shape[1], 1))) * self.visual.shape[0]
+            )
         elif self.token_mask is not None:
             visual = int(self.token_mask.sum().item()) * self.visual.shape[0] * self.visual.shape[2]
         return visual + self.kv.numel() + self.head_weight.numel() + self.head_bias.numel()
+
+    @property
+    def is_masked(self) -> bool:
+        """True when a token or segment mask is attached (the model sees `masked_visual()`)."""
+        return self.token_mask is not None or self.segment_mask is not None
 
     def kv_pair(self) -> torch.Tensor:
         """KV prompts as [L, 2, H, T, Dh] (a tied set is expanded, not copied)."""
@@ -206,10 +214,12 @@ class PromptSet:
             dim_mask = expand_segment_mask(segment_mask.bool(), visual.shape[2], self.segment_layout)
             visual = visual * dim_mask.to(visual.dtype)
         cfg["num_prompts"] = int(visual.shape[1])
-        return replace(self, visual=visual.contiguous(), segment_mask=segment_mask, token_mask=None, config=cfg)
+        return replace(
+            self, visual=visual.contiguous(), segment_mask=segment_mask, token_mask=None, config=cfg
+        )
 
     def masked_visual(self) -> torch.Tensor:
-        """Visual prompts with masks applied as the model sees them: pruned tokens removed, segments zeroed."""
+        """Visual prompts as the model sees them: pruned tokens removed, pruned segments zeroed."""
         return self.compact().visual
 
     # ------------------------------------------------------------------ conversion
@@ -228,7 +238,12 @@ class PromptSet:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"visual": self.visual, "kv": self.kv, "head_weight": self.head_weight, "head_bias": self.head_bias}
+        out = {
+            "visual": self.visual,
+            "kv": self.kv,
+            "head_weight": self.head_weight,
+            "head_bias": self.head_bias,
+        }
         if self.segment_mask is not None:
             out["segment_mask"] = self.segment_mask.to(torch.uint8)
         if self.token_mask is not None:
@@ -284,7 +299,7 @@ class PromptSet:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int | None = None) -> PromptSet:
-        """Parse and structurally check a prompt-set file. Use `validate(info)` to check it against a backbone."""
+        """Parse and structurally check a prompt-set file; `validate(info)` checks it against a backbone."""
         limit = max_bytes if max_bytes is not None else get_settings().max_prompt_set_bytes
         if len(data) > limit:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
@@ -326,7 +341,8 @@ class PromptSet:
         settings = get_settings()
         if self.format_version != FORMAT_VERSION:
             raise UnsupportedFormatVersion(
-                f"format version {self.format_version!r} is not supported (this server reads {FORMAT_VERSION})"
+                f"format version {self.format_version!r} is not supported "
+                f"(this server reads {FORMAT_VERSION})"
             )
         check_task_id(self.task_id)
         for key in ("backbone", "fingerprint", "method"):
@@ -336,14 +352,23 @@ class PromptSet:
             raise InvalidPromptSet("metadata fields 'config' and 'metrics' must be objects")
         if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
             raise InvalidPromptSet("labels must be a list of strings")
-        floats = {"visual": self.visual, "kv": self.kv, "head_weight": self.head_weight, "head_bias": self.head_bias}
+        floats = {
+            "visual": self.visual,
+            "kv": self.kv,
+            "head_weight": self.head_weight,
+            "head_bias": self.head_bias,
+        }
         dtypes = {t.dtype for t in floats.values()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES:
-            raise InvalidPromptSet(f"tensors must share one dtype of float32/float16/bfloat16, got {sorted(map(str, dtypes))}")
+            raise InvalidPromptSet(
+                f"tensors must share one dtype of float32/float16/bfloat16, got {sorted(map(str, dtypes))}"
+            )
         expected_ndim = {"visual": 3, "kv": 5, "head_weight": 2, "head_bias": 1}
         for key, t in floats.items():
             if t.ndim != expected_ndim[key]:
-                raise InvalidPromptSet(f"{key} must have {expected_ndim[key]} dimensions, got shape {tuple(t.shape)}")
+                raise InvalidPromptSet(
+                    f"{key} must have {expected_ndim[key]} dimensions, got shape {tuple(t.shape)}"
+                )
         L, P, D = self.visual.shape
         kL, K, _, T, _ = self.kv.shape
         C = self.head_weight.shape[0]
@@ -357,7 +382,8 @@ class PromptSet:
             raise InvalidPromptSet(f"head_bias is {tuple(self.head_bias.shape)}; expected [{C}]")
         if C < 1 or len(self.labels) != C:
             raise InvalidPromptSet(f"{len(self.labels)} labels for a head with {C} classes")
-        if P > settings.max_prompt_tokens or T > settings.max_kv_tokens or C > settings.max_classes:
+        limits = (settings.max_prompt_tokens, settings.max_kv_tokens, settings.max_classes)
+        if any(n > limit for n, limit in zip((P, T, C), limits, strict=True)):
             raise PromptSetTooLarge(
                 f"P={P}, T={T}, C={C} exceed the limits {settings.max_prompt_tokens}/"
                 f"{settings.max_kv_tokens}/{settings.max_classes}"
@@ -365,9 +391,14 @@ class PromptSet:
         if self.token_mask is not None and tuple(self.token_mask.shape) != (P,):
             raise InvalidPromptSet(f"token_mask is {tuple(self.token_mask.shape)}; expected [{P}]")
         if self.segment_mask is not None:
-            if self.segment_mask.ndim != 2 or self.segment_mask.shape[0] != P or D % self.segment_mask.shape[1]:
+            if (
+                self.segment_mask.ndim != 2
+                or self.segment_mask.shape[0] != P
+                or D % self.segment_mask.shape[1]
+            ):
                 raise InvalidPromptSet(
-                    f"segment_mask is {tuple(self.segment_mask.shape)}; expected [{P}, R] with {D} divisible by R"
+                    f"segment_mask is {tuple(self.segment_mask.shape)}; "
+                    f"expected [{P}, R] with {D} divisible by R"
                 )
             if self.segment_layout not in SEGMENT_LAYOUTS:
                 raise InvalidPromptSet(f"unknown segment layout {self.segment_layout!r}")
@@ -382,11 +413,14 @@ class PromptSet:
             return self
         if self.fingerprint != info.fingerprint:
             raise IncompatiblePromptSet(
-                f"prompt set {self.task_id!r} was made for backbone {self.fingerprint}, not {info.fingerprint}"
+                f"prompt set {self.task_id!r} was made for backbone {self.fingerprint}, "
+                f"not {info.fingerprint}"
             )
         L, _, D = self.visual.shape
         _, _, H, _, Dh = self.kv.shape
-        if (L, D) != (info.depth, info.embed_dim) or (self.num_kv and (H, Dh) != (info.num_heads, info.head_dim)):
+        if (info.depth, info.embed_dim) != (L, D) or (
+            self.num_kv and (H, Dh) != (info.num_heads, info.head_dim)
+        ):
             raise IncompatiblePromptSet(
                 f"shapes L={L}, D={D}, H={H}, Dh={Dh} do not fit backbone {info.name} "
                 f"(L={info.depth}, D={info.embed_dim}, H={info.num_heads}, Dh={info.head_dim})"
