@@ -125,7 +125,9 @@ def fill(store: PromptStore, n: int, dtype: torch.dtype, prefix: str) -> dict[st
 def bench_listing(store: PromptStore, total: int) -> dict[str, Any]:
     out: dict[str, Any] = {"tasks": store.count()}
     out["first_page_100"] = timed(lambda: store.list_tasks(limit=100), 50)
-    _, cursor = store.list_tasks(limit=total // 2)
+    cursor: str | None = "0"
+    for _ in range(total // 2 // 1000):  # the cursor in the middle of the listing
+        _, cursor = store.list_tasks(cursor=cursor or 0, limit=1000)
     out["middle_page_100"] = timed(lambda: store.list_tasks(cursor=cursor or 0, limit=100), 50)
     out["page_1000"] = timed(lambda: store.list_tasks(limit=1000), 20)
 

@@ -279,7 +279,11 @@ class PromptStore:
         timeout = socket_timeout if socket_timeout is not None else settings.store_socket_timeout
         self.redis_url = redis_url
         self.client = redis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
+            redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=settings.store_health_check_seconds,  # a dead pub/sub peer is noticed
+            decode_responses=False,
         )
         self.prefix = f"{self.namespace}:{info.fingerprint}"
         self.events_channel = f"{self.prefix}:events"
