@@ -283,7 +283,7 @@ def train(
     if not steps_per_epoch:
         raise InvalidDataset("the training split is empty")
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = steps_per_epoch * min(config.warmup_epochs, config.epochs)
+    warmup_steps = steps_per_epoch * min(config.warmup_epochs, config.epochs - 1)
     history: list[dict[str, float]] = []
     best = {"epoch": -1, "acc": -1.0, "loss": math.inf, "state": _state(prompts, model, config.method)}
     start_epoch, spent = 0, 0.0
