@@ -191,46 +191,59 @@ LABELS = {
 }
 
 
-def _digits(seed: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
+def _digits(seed: int, sizes: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(d.images))[: TRAIN + VAL + n_test]
-    out = np.empty((len(order), SIZE, SIZE, 3), np.uint8)
-    for j, i in enumerate(order):
+    order = np.random.default_rng([seed, 99]).permutation(len(d.images))
+    n_train, n_val, n_test = sizes
+    if n_test > len(d.images) - TRAIN - VAL:
+        raise InvalidDataset(f"digits has {len(d.images) - TRAIN - VAL} test images, not {n_test}")
+    picks = np.concatenate(
+        [order[:n_train], order[TRAIN : TRAIN + n_val], order[TRAIN + VAL : TRAIN + VAL + n_test]]
+    )
+    out = np.empty((len(picks), SIZE, SIZE, 3), np.uint8)
+    for j, i in enumerate(picks):
+        rng = np.random.default_rng([seed, 98, int(i)])  # an image's colours do not depend on the split sizes
         g = Image.fromarray((d.images[i] / 16 * 255).astype(np.uint8)).resize(
             (SIZE - 8, SIZE - 8), Image.BILINEAR
         )
         g = np.pad(np.asarray(g, np.float64) / 255, 4)
         fg, bg = random_color(rng), rng.uniform(0, 0.3, 3)
         out[j] = (np.clip(bg + g[..., None] * (fg - bg), 0, 1) * 255).round().astype(np.uint8)
-    return out, d.target[order].astype(np.int64)
+    return out, d.target[picks].astype(np.int64)
 
 
-def generate(task: str, seed: int = 0, n_test: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """All images [800 + 200 + n_test, 32, 32, 3] uint8 and labels of a task, deterministic from `seed`."""
+def generate(
+    task: str, seed: int = 0, n_test: int = 1000, n_train: int = TRAIN, n_val: int = VAL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images [n_train + n_val + n_test, 32, 32, 3] uint8 and labels of a task, deterministic from `seed`.
+
+    Each split has its own random stream, so a split's images do not depend on the other splits' sizes
+    (a smaller train set is a prefix of the full one; the test set is always the same)."""
     if task == "digits":
-        return _digits(seed, n_test)
+        return _digits(seed, (n_train, n_val, n_test))
     if task not in GENERATORS:
         raise InvalidDataset(f"unknown mini-VTAB task {task!r}; expected one of {TASKS}")
-    rng = np.random.default_rng([seed, TASKS.index(task)])
-    n = TRAIN + VAL + n_test
-    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
-    labels = np.empty(n, np.int64)
-    for i in range(n):
-        images[i], labels[i] = GENERATORS[task](rng)
-    return images, labels
+    parts_x, parts_y = [], []
+    for split, n in enumerate((n_train, n_val, n_test)):
+        rng = np.random.default_rng([seed, TASKS.index(task), split])
+        images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+        labels = np.empty(n, np.int64)
+        for i in range(n):
+            images[i], labels[i] = GENERATORS[task](rng)
+        parts_x.append(images)
+        parts_y.append(labels)
+    return np.concatenate(parts_x), np.concatenate(parts_y)
 
 
 def mini_vtab(
     task: str, seed: int = 0, n_test: int = 1000, n_train: int = TRAIN, n_val: int = VAL
 ) -> DataSplits:
     """One task's splits: 800 train / 200 val / `n_test` held-out test (n_train/n_val: fewer, for tests)."""
-    images, labels = generate(task, seed, n_test)
-    tr, va = slice(0, n_train), slice(TRAIN, TRAIN + n_val)
-    te = slice(TRAIN + VAL, TRAIN + VAL + n_test)
+    images, labels = generate(task, seed, n_test, n_train, n_val)
+    tr, va, te = slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None)
     return DataSplits(
         ArrayDataset(images[tr], labels[tr]),
         ArrayDataset(images[va], labels[va]),
