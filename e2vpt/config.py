@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
     ts_mar_dir: str = "model_store/build"
 
+    # --- training (training/, `e2vpt train`) ----------------------------------------------------
+    # Where the offline upstream ViT of the fidelity study is cached (created once by
+    # `training.upstream.ensure_upstream`, then reused).
+    upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
+    # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
+    train_out_dir: str = "runs"
+    # Registry API that `e2vpt train --register` PUTs prompt sets to, and its bearer token.
+    register_url: str | None = None
+    register_token: str | None = None
+    register_timeout_s: float = 30.0
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
