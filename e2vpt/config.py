@@ -43,8 +43,71 @@ class Settings(BaseSettings):
     registry_auth_reads: bool = False  # reads need the token too
     registry_client_timeout: float = 30.0  # CLI HTTP timeout, seconds
 
+    # --- serving: images, engine, prompt cache, metrics (issue 5) ----------------------------------
+    # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx_backend).
+    backend: str = "torch"
+    # Model dtype for serving ("float32", "float16", "bfloat16"); prompt sets are converted once on load.
+    serving_dtype: str = "float32"
+    top_k: int = 5
+    # Images: encoded size limit and decoded pixel limit (larger -> 413); decompression bombs -> 413.
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    # Device-resident prompt cache: byte budget (LRU beyond it), pinned and preloaded task ids.
+    cache_max_bytes: int = 512 * 1024 * 1024
+    cache_pinned_tasks: list[str] = []
+    cache_preload_tasks: list[str] = []
+    # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
+    cache_version_check_ms: int = 500
+    # After a store error, fail cold loads at once (503) and skip version checks for this long: a Redis that
+    # times out (rather than refusing) must not stall every batch for store_socket_timeout.
+    cache_store_backoff_ms: int = 1000
+    # Metrics: per-task labels for the N busiest tasks, the rest as "other".
+    metrics_top_tasks: int = 50
+    # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+    # TorchServe (model_store/, e2vpt.torchserve): bind address, ports (0 = pick a free one), workers, batching.
+    ts_bind: str = "127.0.0.1"
+    ts_inference_port: int = 8080
+    ts_management_port: int = 8081
+    ts_metrics_port: int = 8082
+    ts_workers: int = 1
+    ts_batch_size: int = 8
+    ts_max_batch_delay_ms: int = 5
+    ts_response_timeout_s: int = 60
+    ts_startup_timeout_s: int = 120
+    ts_token_expiration_min: int = 60
+    ts_model_name: str = "e2vpt"
+    ts_java_heap_mb: int = 1024
+    ts_job_queue_size: int = 1000
+    ts_max_request_size: int = 24 * 1024 * 1024  # base64 JSON of a max_image_bytes image fits
+    ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
+    ts_mar_dir: str = "model_store/build"
+
+    # --- training (training/, `e2vpt train`) ----------------------------------------------------
+    # Where the offline upstream ViT of the fidelity study is cached (created once by
+    # `training.upstream.ensure_upstream`, then reused).
+    upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
+    # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
+    train_out_dir: str = "runs"
+    # Registry API that `e2vpt train --register` PUTs prompt sets to, and its bearer token.
+    register_url: str | None = None
+    register_token: str | None = None
+    register_timeout_s: float = 30.0
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def settings_with_defaults(defaults: dict[str, object]) -> Settings:
+    """Settings whose defaults come from `defaults` (e.g. the engine config packed into a .mar), while
+    environment variables (E2VPT_*) still override them."""
+    from_env = Settings()
+    unknown = set(defaults) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    merged = {**defaults, **{k: getattr(from_env, k) for k in from_env.model_fields_set}}
+    return Settings(**merged)

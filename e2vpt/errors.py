@@ -122,6 +122,13 @@ class InvalidDataset(E2VPTError):
     code = "invalid_dataset"
 
 
+class RegistrationFailed(E2VPTError):
+    """The prompt registry refused a prompt set or could not be reached (training's `--register`)."""
+
+    http_status = 502
+    code = "registration_failed"
+
+
 def http_status(exc: BaseException) -> int:
     """HTTP status for any exception: typed errors carry theirs, everything else is a 500."""
     return exc.http_status if isinstance(exc, E2VPTError) else 500
