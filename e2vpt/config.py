@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     store_namespace: str = "e2vpt"
     keep_versions: int = 10
     store_socket_timeout: float = 5.0  # seconds; Redis calls slower than this raise StoreUnavailable
+    store_health_check_seconds: int = 15  # idle Redis connections (pub/sub) are pinged this often
 
     # --- registry HTTP API and `e2vpt tasks` CLI (issue 4) -----------------------------------------
     registry_host: str = "127.0.0.1"
@@ -82,6 +83,17 @@ class Settings(BaseSettings):
     ts_max_request_size: int = 24 * 1024 * 1024  # base64 JSON of a max_image_bytes image fits
     ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
     ts_mar_dir: str = "model_store/build"
+
+    # --- training (training/, `e2vpt train`) ----------------------------------------------------
+    # Where the offline upstream ViT of the fidelity study is cached (created once by
+    # `training.upstream.ensure_upstream`, then reused).
+    upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
+    # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
+    train_out_dir: str = "runs"
+    # Registry API that `e2vpt train --register` PUTs prompt sets to, and its bearer token.
+    register_url: str | None = None
+    register_token: str | None = None
+    register_timeout_s: float = 30.0
 
     # --- ONNX export and the onnxruntime backend (issue 6) ---------------------------------------
     # An exported graph to serve with; None: export once into onnx_cache_dir (keyed by fingerprint

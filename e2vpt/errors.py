@@ -122,6 +122,13 @@ class InvalidDataset(E2VPTError):
     code = "invalid_dataset"
 
 
+class RegistrationFailed(E2VPTError):
+    """The prompt registry refused a prompt set or could not be reached (training's `--register`)."""
+
+    http_status = 502
+    code = "registration_failed"
+
+
 class ExportError(E2VPTError):
     """A backbone or an option the ONNX export cannot express (dynamic image size, no pooled output, an
     unsupported opset or dtype), or an export whose graph fails its checks."""
