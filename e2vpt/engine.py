@@ -10,7 +10,6 @@ No TorchServe import: the TorchServe handler, benchmarks and tests all drive thi
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from e2vpt.backbone import Backbone, load_backbone, read_checkpoint_spec
-from e2vpt.backends import FeatureBackend, TorchBackend
+from e2vpt.backends import FeatureBackend, make_backend
 from e2vpt.cache import CachedPrompts, PromptCache
 from e2vpt.config import Settings, get_settings
 from e2vpt.errors import BadRequest, E2VPTError, http_status
@@ -35,10 +34,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Backend name -> "module:factory"; factories take (backbone, settings). Imported lazily, so a backend
 # written elsewhere (e2vpt/onnx_backend.py) plugs in by name without this module importing it.
-BACKENDS: dict[str, str] = {
-    "torch": "e2vpt.engine:_torch_backend",
-    "onnxruntime": "e2vpt.onnx_backend:create_backend",
-}
 
 
 @dataclass(frozen=True)
@@ -68,19 +63,6 @@ class Result:
             "version": self.version,
             "predictions": [{"label": p.label, "score": p.score} for p in self.predictions],
         }
-
-
-def _torch_backend(backbone: Backbone, settings: Settings) -> FeatureBackend:
-    return TorchBackend(backbone)
-
-
-def make_backend(name: str, backbone: Backbone, settings: Settings) -> FeatureBackend:
-    """The FeatureBackend registered under `name` (see BACKENDS)."""
-    if name not in BACKENDS:
-        raise BadRequest(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}")
-    module_name, factory_name = BACKENDS[name].split(":")
-    factory = getattr(importlib.import_module(module_name), factory_name)
-    return factory(backbone, settings)
 
 
 def serving_dtype(settings: Settings) -> torch.dtype:

@@ -138,14 +138,21 @@ async def send_stream(
         return await asyncio.gather(*(one(t, d) for t, d in items))
 
 
-def run_traffic(ts: TorchServe, tasks: dict[str, list[tuple[bytes, int]]], labels: dict[str, list[str]],
-                concurrency: int, seed: int = 0) -> None:
+def run_traffic(
+    ts: TorchServe,
+    tasks: dict[str, list[tuple[bytes, int]]],
+    labels: dict[str, list[str]],
+    concurrency: int,
+    seed: int = 0,
+) -> None:
     stream = [(task, data, y) for task, items in tasks.items() for data, y in items]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(stream))
     stream = [stream[i] for i in order]
     t0 = time.perf_counter()
-    results = asyncio.run(send_stream(ts.predictions_url, ts.auth(), [(t, d) for t, d, _ in stream], concurrency))
+    results = asyncio.run(
+        send_stream(ts.predictions_url, ts.auth(), [(t, d) for t, d, _ in stream], concurrency)
+    )
     wall = time.perf_counter() - t0
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
@@ -158,14 +165,20 @@ def run_traffic(ts: TorchServe, tasks: dict[str, list[tuple[bytes, int]]], label
             errors[task] += 1
             continue
         correct[task] += int(body["predictions"][0]["label"] == labels[task][y])
-    print(f"    {len(stream)} requests, {len(tasks)} tasks, concurrency {concurrency}: "
-          f"{len(stream) / wall:.1f} req/s over HTTP")
-    print(f"    {'task':<22}{'n':>5}{'errors':>8}{'accuracy':>10}{'chance':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    print(
+        f"    {len(stream)} requests, {len(tasks)} tasks, concurrency {concurrency}: "
+        f"{len(stream) / wall:.1f} req/s over HTTP"
+    )
+    print(
+        f"    {'task':<22}{'n':>5}{'errors':>8}{'accuracy':>10}{'chance':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+    )
     for task in tasks:
         p50, p95, p99 = (np.percentile(lat[task], q) * 1e3 for q in (50, 95, 99))
         acc = correct[task] / total[task]
-        print(f"    {task:<22}{total[task]:>5}{errors[task]:>8}{acc:>10.3f}{1 / len(labels[task]):>8.3f}"
-              f"{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}")
+        print(
+            f"    {task:<22}{total[task]:>5}{errors[task]:>8}{acc:>10.3f}{1 / len(labels[task]):>8.3f}"
+            f"{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}"
+        )
 
 
 def show_metrics(ts: TorchServe, task_ids: list[str]) -> None:
@@ -189,7 +202,9 @@ def show_metrics(ts: TorchServe, task_ids: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="digits,count,orientation", help="mini-VTAB tasks served from the start")
+    p.add_argument(
+        "--tasks", default="digits,count,orientation", help="mini-VTAB tasks served from the start"
+    )
     p.add_argument("--late-task", default="textures", help="task registered while the server runs")
     p.add_argument("--backbone", help="a timm model name instead of the offline upstream ViT")
     p.add_argument("--pretrained", action="store_true", help="with --backbone: timm hub weights")
@@ -207,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         step(1, "Redis: the system of record for prompt sets")
         redis_url, local = ensure_redis(os.environ.get("REDIS_URL") or os.environ.get("E2VPT_REDIS_URL"))
         if local is not None:
-            print(f"    no Redis answered: started a private redis-server at {redis_url} (AOF in {local.workdir})")
+            print(
+                f"    no Redis answered: started a private redis-server at {redis_url} (AOF in {local.workdir})"
+            )
             if not args.keep_running:
                 stack.callback(local.stop)
         else:
@@ -242,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
         step(5, "TorchServe: build the .mar and start one deployment for all tasks")
         mar = build_mar(args.cache / "mar", checkpoint=ckpt)
-        ts = TorchServe(mar, args.cache / "torchserve", env={k: env[k] for k in
-                        ("E2VPT_REDIS_URL", "E2VPT_STORE_NAMESPACE", "PYTHONPATH")})
+        ts = TorchServe(
+            mar,
+            args.cache / "torchserve",
+            env={k: env[k] for k in ("E2VPT_REDIS_URL", "E2VPT_STORE_NAMESPACE", "PYTHONPATH")},
+        )
         t0 = time.perf_counter()
         ts.start()
         if not args.keep_running:
@@ -264,12 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    PUT /tasks/mini-{args.late_task} -> version {out['version']}")
         late_id = f"mini-{args.late_task}"
         labels[late_id] = PromptSet.load(late).labels
-        run_traffic(ts, {late_id: test_items(args.late_task, args.requests_per_task)}, labels, args.concurrency)
+        run_traffic(
+            ts, {late_id: test_items(args.late_task, args.requests_per_task)}, labels, args.concurrency
+        )
 
         print(f"\nDemo finished in {time.perf_counter() - t_start:.0f} s.", end=" ")
         if args.keep_running:
-            print(f"Still running: Redis {redis_url}, registry http://127.0.0.1:{reg_port} (token {token}), "
-                  f"TorchServe {ts.predictions_url} (key {ts.keys()['inference']}).")
+            print(
+                f"Still running: Redis {redis_url}, registry http://127.0.0.1:{reg_port} (token {token}), "
+                f"TorchServe {ts.predictions_url} (key {ts.keys()['inference']})."
+            )
         else:
             print("Stopping what it started.")
     return 0
