@@ -24,5 +24,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Every benchmark script in benchmarks/ (quick mode where offered), then benchmarks/results/SUMMARY.md.
+bench: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build runs .pytest_cache
