@@ -101,9 +101,8 @@ def _default(info: Any) -> str:
 def render(rows: list[dict[str, str]]) -> str:
     lines = ["| Section | Setting | Environment | Type | Default | Meaning |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['section']} | `{r['field']}` | {r['env']} | `{r['type']}` | {r['default']} | {r['description']} |"
-        )
+        cells = [r["section"], f"`{r['field']}`", r["env"], f"`{r['type']}`", r["default"], r["description"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
