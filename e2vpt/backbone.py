@@ -88,9 +88,13 @@ def check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedBackbone(f"{type(model).__name__} is not a timm VisionTransformer")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
-            raise UnsupportedBackbone(f"block {i} is a {type(blk).__name__}; only timm's pre-norm Block is supported")
+            raise UnsupportedBackbone(
+                f"block {i} is a {type(blk).__name__}; only timm's pre-norm Block is supported"
+            )
         if type(blk.attn) is not Attention:
-            raise UnsupportedBackbone(f"block {i} uses {type(blk.attn).__name__}; only timm's Attention is supported")
+            raise UnsupportedBackbone(
+                f"block {i} uses {type(blk.attn).__name__}; only timm's Attention is supported"
+            )
 
 
 def fingerprint_model(name: str, model: torch.nn.Module) -> str:
@@ -127,7 +131,9 @@ def read_checkpoint_spec(path: str | Path) -> dict[str, Any] | None:
     return json.loads(meta[CHECKPOINT_META_KEY]) if CHECKPOINT_META_KEY in meta else None
 
 
-def save_checkpoint(model: VisionTransformer, name: str, model_kwargs: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(
+    model: VisionTransformer, name: str, model_kwargs: dict[str, Any], path: str | Path
+) -> Path:
     """Save a backbone as .safetensors with the spec needed to rebuild it (`load_backbone(checkpoint=path)`)."""
     from safetensors.torch import save_file
 
@@ -162,7 +168,9 @@ def load_backbone(
         name = name or spec["name"]
         model_kwargs = {**spec.get("model_kwargs", {}), **model_kwargs}
     if not name:
-        raise UnsupportedBackbone("a backbone needs a timm model name (or a checkpoint saved by this project)")
+        raise UnsupportedBackbone(
+            "a backbone needs a timm model name (or a checkpoint saved by this project)"
+        )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

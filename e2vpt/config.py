@@ -31,6 +31,51 @@ class Settings(BaseSettings):
     )
     store_namespace: str = "e2vpt"
     keep_versions: int = 10
+    store_socket_timeout: float = 5.0  # seconds; Redis calls slower than this raise StoreUnavailable
+
+    # --- registry HTTP API and `e2vpt tasks` CLI (issue 4) -----------------------------------------
+    registry_host: str = "127.0.0.1"
+    registry_port: int = 8000
+    registry_url: str = "http://127.0.0.1:8000"  # where the CLI finds the registry API
+    registry_token: str | None = None  # bearer token for writes (prefer registry_token_file)
+    registry_token_file: str | None = None  # a file holding the token (Docker/K8s secret); wins over the env
+    registry_auth_reads: bool = False  # reads need the token too
+    registry_client_timeout: float = 30.0  # CLI HTTP timeout, seconds
+
+    # --- serving: images, engine, prompt cache, metrics (issue 5) ----------------------------------
+    # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx_backend).
+    backend: str = "torch"
+    # Model dtype for serving ("float32", "float16", "bfloat16"); prompt sets are converted once on load.
+    serving_dtype: str = "float32"
+    top_k: int = 5
+    # Images: encoded size limit and decoded pixel limit (larger -> 413); decompression bombs -> 413.
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    # Device-resident prompt cache: byte budget (LRU beyond it), pinned and preloaded task ids.
+    cache_max_bytes: int = 512 * 1024 * 1024
+    cache_pinned_tasks: list[str] = []
+    cache_preload_tasks: list[str] = []
+    # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
+    cache_version_check_ms: int = 500
+    # Redis socket timeout for the serving path (seconds): an outage must fail fast (503), not hang.
+    store_socket_timeout: float = 1.0
+    # Metrics: per-task labels for the N busiest tasks, the rest as "other".
+    metrics_top_tasks: int = 50
+    # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+    # TorchServe (model_store/, e2vpt.torchserve): bind address, ports (0 = pick a free one), workers, batching.
+    ts_bind: str = "127.0.0.1"
+    ts_inference_port: int = 8080
+    ts_management_port: int = 8081
+    ts_metrics_port: int = 8082
+    ts_workers: int = 1
+    ts_batch_size: int = 8
+    ts_max_batch_delay_ms: int = 5
+    ts_response_timeout_s: int = 60
+    ts_startup_timeout_s: int = 120
+    ts_token_expiration_min: int = 60
+    ts_model_name: str = "e2vpt"
 
 
 @lru_cache(maxsize=1)

@@ -63,7 +63,11 @@ class TaskBatch:
 
     @classmethod
     def from_prompt_sets(
-        cls, sets: Sequence[PromptSet], *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls,
+        sets: Sequence[PromptSet],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> TaskBatch:
         if not sets:
             raise ValueError("a TaskBatch needs at least one prompt set")
@@ -139,7 +143,9 @@ class TaskPrompts(nn.Module):
         P = visual.shape[1]
         R = segment_mask.shape[1] if segment_mask is not None else num_segments
         self.segment_layout = segment_layout
-        self.register_buffer("token_mask", (token_mask if token_mask is not None else torch.ones(P)).float().clone())
+        self.register_buffer(
+            "token_mask", (token_mask if token_mask is not None else torch.ones(P)).float().clone()
+        )
         self.register_buffer(
             "segment_mask", (segment_mask if segment_mask is not None else torch.ones(P, R)).float().clone()
         )
@@ -175,7 +181,9 @@ class TaskPrompts(nn.Module):
             segment_mask=seg.to(torch.uint8) if pruned else None,
         )
 
-    def effective_visual(self, token_gate: Tensor | None = None, segment_gate: Tensor | None = None) -> Tensor:
+    def effective_visual(
+        self, token_gate: Tensor | None = None, segment_gate: Tensor | None = None
+    ) -> Tensor:
         """[L, P_kept, D]: pruned tokens removed, pruned segments zeroed, dropout in training.
 
         `token_gate` [P] / `segment_gate` [P, R] multiply the prompts (held at 1 to measure importance
@@ -227,9 +235,17 @@ class PromptedViT(nn.Module):
             T and kv_valid is not None and not bool(kv_valid.all())
         ):
             parts = [torch.ones(B, npre, dtype=torch.bool, device=x.device)]
-            parts.append(visual_valid if P and visual_valid is not None else torch.ones(B, P, dtype=torch.bool, device=x.device))
+            parts.append(
+                visual_valid
+                if P and visual_valid is not None
+                else torch.ones(B, P, dtype=torch.bool, device=x.device)
+            )
             parts.append(torch.ones(B, x.shape[1] - npre, dtype=torch.bool, device=x.device))
-            parts.append(kv_valid if T and kv_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device))
+            parts.append(
+                kv_valid
+                if T and kv_valid is not None
+                else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            )
             mask = torch.cat(parts, dim=1)[:, None, None, :]
         for i, blk in enumerate(vit.blocks):
             if P:

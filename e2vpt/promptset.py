@@ -123,7 +123,9 @@ class PromptSet:
         if self.segment_mask is not None:
             kept_tokens = self.token_mask.bool() if self.token_mask is not None else slice(None)
             seg = self.segment_mask[kept_tokens].float()
-            visual = int(seg.sum().item() * (self.visual.shape[2] // max(seg.shape[1], 1))) * self.visual.shape[0]
+            visual = (
+                int(seg.sum().item() * (self.visual.shape[2] // max(seg.shape[1], 1))) * self.visual.shape[0]
+            )
         elif self.token_mask is not None:
             visual = int(self.token_mask.sum().item()) * self.visual.shape[0] * self.visual.shape[2]
         return visual + self.kv.numel() + self.head_weight.numel() + self.head_bias.numel()
@@ -206,7 +208,9 @@ class PromptSet:
             dim_mask = expand_segment_mask(segment_mask.bool(), visual.shape[2], self.segment_layout)
             visual = visual * dim_mask.to(visual.dtype)
         cfg["num_prompts"] = int(visual.shape[1])
-        return replace(self, visual=visual.contiguous(), segment_mask=segment_mask, token_mask=None, config=cfg)
+        return replace(
+            self, visual=visual.contiguous(), segment_mask=segment_mask, token_mask=None, config=cfg
+        )
 
     def masked_visual(self) -> torch.Tensor:
         """Visual prompts with masks applied as the model sees them: pruned tokens removed, segments zeroed."""
@@ -228,7 +232,12 @@ class PromptSet:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"visual": self.visual, "kv": self.kv, "head_weight": self.head_weight, "head_bias": self.head_bias}
+        out = {
+            "visual": self.visual,
+            "kv": self.kv,
+            "head_weight": self.head_weight,
+            "head_bias": self.head_bias,
+        }
         if self.segment_mask is not None:
             out["segment_mask"] = self.segment_mask.to(torch.uint8)
         if self.token_mask is not None:
@@ -336,14 +345,23 @@ class PromptSet:
             raise InvalidPromptSet("metadata fields 'config' and 'metrics' must be objects")
         if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
             raise InvalidPromptSet("labels must be a list of strings")
-        floats = {"visual": self.visual, "kv": self.kv, "head_weight": self.head_weight, "head_bias": self.head_bias}
+        floats = {
+            "visual": self.visual,
+            "kv": self.kv,
+            "head_weight": self.head_weight,
+            "head_bias": self.head_bias,
+        }
         dtypes = {t.dtype for t in floats.values()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES:
-            raise InvalidPromptSet(f"tensors must share one dtype of float32/float16/bfloat16, got {sorted(map(str, dtypes))}")
+            raise InvalidPromptSet(
+                f"tensors must share one dtype of float32/float16/bfloat16, got {sorted(map(str, dtypes))}"
+            )
         expected_ndim = {"visual": 3, "kv": 5, "head_weight": 2, "head_bias": 1}
         for key, t in floats.items():
             if t.ndim != expected_ndim[key]:
-                raise InvalidPromptSet(f"{key} must have {expected_ndim[key]} dimensions, got shape {tuple(t.shape)}")
+                raise InvalidPromptSet(
+                    f"{key} must have {expected_ndim[key]} dimensions, got shape {tuple(t.shape)}"
+                )
         L, P, D = self.visual.shape
         kL, K, _, T, _ = self.kv.shape
         C = self.head_weight.shape[0]
@@ -365,7 +383,11 @@ class PromptSet:
         if self.token_mask is not None and tuple(self.token_mask.shape) != (P,):
             raise InvalidPromptSet(f"token_mask is {tuple(self.token_mask.shape)}; expected [{P}]")
         if self.segment_mask is not None:
-            if self.segment_mask.ndim != 2 or self.segment_mask.shape[0] != P or D % self.segment_mask.shape[1]:
+            if (
+                self.segment_mask.ndim != 2
+                or self.segment_mask.shape[0] != P
+                or D % self.segment_mask.shape[1]
+            ):
                 raise InvalidPromptSet(
                     f"segment_mask is {tuple(self.segment_mask.shape)}; expected [{P}, R] with {D} divisible by R"
                 )
@@ -386,7 +408,9 @@ class PromptSet:
             )
         L, _, D = self.visual.shape
         _, _, H, _, Dh = self.kv.shape
-        if (L, D) != (info.depth, info.embed_dim) or (self.num_kv and (H, Dh) != (info.num_heads, info.head_dim)):
+        if (L, D) != (info.depth, info.embed_dim) or (
+            self.num_kv and (H, Dh) != (info.num_heads, info.head_dim)
+        ):
             raise IncompatiblePromptSet(
                 f"shapes L={L}, D={D}, H={H}, Dh={Dh} do not fit backbone {info.name} "
                 f"(L={info.depth}, D={info.embed_dim}, H={info.num_heads}, Dh={info.head_dim})"

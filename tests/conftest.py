@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from e2vpt.backbone import Backbone, load_backbone
+from e2vpt.localredis import LocalRedis, free_port
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -31,42 +29,10 @@ def backbone() -> Backbone:
     return tiny_backbone()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server in a temp dir (for persistence, restart and outage tests)."""
-
-    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = True) -> None:
-        self.workdir, self.port, self.appendonly = workdir, port or free_port(), appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+def RedisServer(workdir: Path, port: int | None = None, appendonly: bool = True) -> LocalRedis:  # noqa: N802
+    """A private redis-server in `workdir` (persistence, restart and outage tests): `.start()`, `.stop()`,
+    `.url`; stop + start keeps its port and data."""
+    return LocalRedis(port=port or free_port(), workdir=workdir, appendonly=appendonly)
 
 
 @pytest.fixture
