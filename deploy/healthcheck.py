@@ -1,0 +1,72 @@
+"""Container health checks (Docker HEALTHCHECK / compose `healthcheck`), stdlib + e2vpt.config only.
+
+    python deploy/healthcheck.py torchserve   # GET /ping on the inference port, expects "Healthy"
+    python deploy/healthcheck.py registry     # GET /healthz on the registry port
+
+Ports come from e2vpt.config.Settings (the same environment the service reads). TorchServe's token
+authorization protects even /ping: the inference key is read from TorchServe's key_file.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from e2vpt.config import Settings  # noqa: E402
+
+KEY_FILES = ("key_file.json", "model_store/build/key_file.json")
+
+
+def inference_key(paths: list[Path]) -> str | None:
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        key = data.get("inference", {}).get("key") if isinstance(data, dict) else None
+        if isinstance(key, str):
+            return key
+    return None
+
+
+def get(url: str, token: str | None, timeout: float) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+def check(service: str, host: str, timeout: float, key_files: list[Path]) -> tuple[bool, str]:
+    settings = Settings()
+    if service == "torchserve":
+        status, body = get(f"http://{host}:{settings.ts_inference_port}/ping", inference_key(key_files), timeout)
+        return status == 200 and "Healthy" in body, f"/ping -> {status} {body.strip()[:200]}"
+    status, body = get(f"http://{host}:{settings.registry_port}/healthz", None, timeout)
+    return status == 200, f"/healthz -> {status} {body.strip()[:200]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("service", choices=["torchserve", "registry"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--timeout", type=float, default=4.0)
+    parser.add_argument("--key-file", type=Path, action="append", default=None)
+    args = parser.parse_args(argv)
+    try:
+        ok, detail = check(args.service, args.host, args.timeout, args.key_file or [Path(p) for p in KEY_FILES])
+    except OSError as exc:
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    print(("healthy: " if ok else "unhealthy: ") + detail)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
