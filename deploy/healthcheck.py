@@ -9,6 +9,7 @@ authorization protects even /ping: the inference key is read from TorchServe's k
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import urllib.error
@@ -16,9 +17,20 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from e2vpt.config import Settings  # noqa: E402
+
+def _load_settings_class() -> type:
+    """e2vpt/config.py loaded on its own: importing the e2vpt package would pull in torch, far too slow
+    for a check that runs every few seconds. The class is the same code the services read."""
+    spec = importlib.util.spec_from_file_location("_e2vpt_config", ROOT / "e2vpt" / "config.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves annotations through the module
+    spec.loader.exec_module(module)
+    return module.Settings
+
+
+Settings = _load_settings_class()
 
 KEY_FILES = ("key_file.json", "model_store/build/key_file.json")
 
@@ -47,7 +59,9 @@ def get(url: str, token: str | None, timeout: float) -> tuple[int, str]:
 def check(service: str, host: str, timeout: float, key_files: list[Path]) -> tuple[bool, str]:
     settings = Settings()
     if service == "torchserve":
-        status, body = get(f"http://{host}:{settings.ts_inference_port}/ping", inference_key(key_files), timeout)
+        status, body = get(
+            f"http://{host}:{settings.ts_inference_port}/ping", inference_key(key_files), timeout
+        )
         return status == 200 and "Healthy" in body, f"/ping -> {status} {body.strip()[:200]}"
     status, body = get(f"http://{host}:{settings.registry_port}/healthz", None, timeout)
     return status == 200, f"/healthz -> {status} {body.strip()[:200]}"
@@ -61,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, action="append", default=None)
     args = parser.parse_args(argv)
     try:
-        ok, detail = check(args.service, args.host, args.timeout, args.key_file or [Path(p) for p in KEY_FILES])
+        ok, detail = check(
+            args.service, args.host, args.timeout, args.key_file or [Path(p) for p in KEY_FILES]
+        )
     except OSError as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     print(("healthy: " if ok else "unhealthy: ") + detail)

@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -244,13 +243,19 @@ def test_gpu_reserved_in_gpu_profile_only(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_env_variables_are_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     known = env_names()
+
+    def owners(key: str) -> set[str]:
+        return {s for prefix, svcs in FOREIGN_ENV.items() if key.startswith(prefix) for s in svcs}
+
+    # The shared env file: e2vpt settings, or variables one of the services is known to use.
+    for key in read_env_file(ENV_EXAMPLE):
+        assert key in known or owners(key), f"{key} in {ENV_EXAMPLE.name} is neither a setting nor known"
     for name, svc in services().items():
+        environment = svc.get("environment") or {}
+        for key in environment:
+            if key not in known:
+                assert name in owners(key), f"{name} sets {key}: not an e2vpt setting ({sorted(known)})"
         env = service_env(name)
-        for key in env:
-            if key in known:
-                continue
-            owners = [svcs for prefix, svcs in FOREIGN_ENV.items() if key == prefix or key.startswith(prefix)]
-            assert owners, f"{name}: {key} is neither an e2vpt setting ({sorted(known)}) nor a known variable"
         if any(k in known for k in env):
             settings_for(env, monkeypatch)  # the values validate (types, ports)
     example_keys = set(read_env_file(ENV_EXAMPLE))
@@ -300,10 +305,12 @@ def test_dockerfile_copy_sources_exist() -> None:
 
 
 def test_dockerfile_pins_agree_with_pyproject() -> None:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = dict(d.split("==") for d in deps if "==" in d)
+    pins = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)==([^"]+)",', (ROOT / "pyproject.toml").read_text(), re.M))
+    assert {"torch", "onnxruntime"} <= set(pins)
     serve = (DEPLOY / "Dockerfile.serve").read_text()
-    assert f"onnxruntime-gpu=={pins['onnxruntime']}" in serve, "onnxruntime-gpu must match the onnxruntime pin"
+    assert f"onnxruntime-gpu=={pins['onnxruntime']}" in serve, (
+        "onnxruntime-gpu must match the onnxruntime pin"
+    )
     for version in re.findall(r"torch==([\w.+]+)", serve):
         assert version == pins["torch"]
     assert "openjdk-17" in serve, "TorchServe's frontend needs Java 17"
@@ -354,7 +361,8 @@ def test_registry_port_agrees_with_its_command() -> None:
 def prometheus_targets() -> dict[str, list[str]]:
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     return {
-        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
     }
 
 
@@ -386,7 +394,9 @@ def test_grafana_provisioning_is_mounted_and_consistent() -> None:
     grafana = services()["grafana"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith(".")}
     assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
-    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/e2vpt.yml").read_text())["providers"]
+    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/e2vpt.yml").read_text())[
+        "providers"
+    ]
     assert mounts[providers[0]["options"]["path"]] == "./deploy/grafana/dashboards"
     datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
     ds = datasource["datasources"][0]
@@ -431,7 +441,10 @@ def test_docker_compose_config_when_a_client_can() -> None:
         shutil.copy(ENV_EXAMPLE, env_file)
     try:
         out = subprocess.run(
-            [docker, "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, env=env
+            [docker, "compose", "-f", str(COMPOSE), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
     finally:
         if created:
@@ -441,7 +454,9 @@ def test_docker_compose_config_when_a_client_can() -> None:
 
 # -------------------------------------------------------------------------------------- README / bench
 def test_readme_config_table_is_generated_from_settings() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_config.py"), "--check"], capture_output=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "gen_config.py"), "--check"], capture_output=True
+    )
     assert out.returncode == 0, out.stderr.decode()
     readme = (ROOT / "README.md").read_text()
     for env in env_names():
@@ -468,7 +483,9 @@ def test_summarize_copies_numbers_and_reports_missing_and_broken(tmp_path: Path)
     results = tmp_path / "results"
     results.mkdir()
     (results / "bench_model.json").write_text(
-        json.dumps({"device": "cpu", "rows": [{"batch": 8, "ms_p50": 12.3456789}, {"batch": 16, "ms_p50": 20.5}]})
+        json.dumps(
+            {"device": "cpu", "rows": [{"batch": 8, "ms_p50": 12.3456789}, {"batch": 16, "ms_p50": 20.5}]}
+        )
     )
     (results / "bench_onnx.json").write_text("{not json")
     assert summarize.main(["--results", str(results)]) == 0
@@ -478,7 +495,11 @@ def test_summarize_copies_numbers_and_reports_missing_and_broken(tmp_path: Path)
     missing = text.split("## Missing", 1)[1]
     assert "bench_registry" in missing and "bench_serving" in missing and "bench_model" not in missing
     # Nothing but what the files hold: every number in the tables comes from the input.
-    numbers = set(re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", text.split("## bench_model", 1)[1].split("\n## ", 1)[0]))
+    numbers = set(
+        re.findall(
+            r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", text.split("## bench_model", 1)[1].split("\n## ", 1)[0]
+        )
+    )
     assert numbers <= {"8", "16", "12.35", "20.5"}, numbers
     empty = tmp_path / "none"
     assert summarize.main(["--results", str(empty)]) == 0
@@ -489,3 +510,23 @@ def test_make_bench_runs_the_runner() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     assert "benchmarks/run_all.py" in recipe and (ROOT / "benchmarks" / "run_all.py").is_file()
+
+
+def readme_cli_commands() -> list[list[str]]:
+    """`python -m e2vpt.cli ...` lines of the README's bash blocks (continuations joined, env prefix dropped)."""
+    readme = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            commands += cli_commands(line)
+    return commands
+
+
+def test_readme_commands_are_real() -> None:
+    commands = readme_cli_commands()
+    assert {c[0] for c in commands} >= {"train", "tasks", "registry", "serve"}
+    for argv in commands:
+        assert_cli_parses(argv)
+    # The container entrypoint runs what the README tells users to run.
+    entry = cli_commands((DEPLOY / "serve-entrypoint.sh").read_text())
+    assert all(c[:2] in [r[:2] for r in commands] for c in entry)
