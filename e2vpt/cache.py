@@ -110,7 +110,7 @@ class PromptCache:
 
     def _try_subscribe(self) -> bool:
         try:
-            self._subscription = self.store.subscribe(self.on_event)
+            self._subscription = self.store.subscribe(self.on_event, on_reconnect=self.check_versions)
             return True
         except StoreUnavailable as exc:
             self._store_error(exc)
@@ -165,7 +165,9 @@ class PromptCache:
             raise res
         return res
 
-    def get_many(self, task_ids: Iterable[str], *, check: bool = True) -> dict[str, CachedPrompts | E2VPTError]:
+    def get_many(
+        self, task_ids: Iterable[str], *, check: bool = True
+    ) -> dict[str, CachedPrompts | E2VPTError]:
         """Each distinct task's cached prompts, or its typed error (invalid id, not found, store down, ...)."""
         ids = list(dict.fromkeys(task_ids))
         out: dict[str, CachedPrompts | E2VPTError] = {}
@@ -321,7 +323,9 @@ class PromptCache:
         except StoreUnavailable:
             return  # keep serving what we have; the version check will catch up
         with self._lock:
-            if self._generation.get(task_id) == generation and (cached is None or entry.version != cached.version):
+            if self._generation.get(task_id) == generation and (
+                cached is None or entry.version != cached.version
+            ):
                 self._insert(entry)
                 self._updated(action)
 

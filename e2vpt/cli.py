@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Modules that contribute subcommands: each defines `register(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("e2vpt.torchserve",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,8 +57,6 @@ class Settings(BaseSettings):
     cache_preload_tasks: list[str] = []
     # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
     cache_version_check_ms: int = 500
-    # Redis socket timeout for the serving path (seconds): an outage must fail fast (503), not hang.
-    store_socket_timeout: float = 1.0
     # Metrics: per-task labels for the N busiest tasks, the rest as "other".
     metrics_top_tasks: int = 50
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
@@ -76,6 +74,11 @@ class Settings(BaseSettings):
     ts_startup_timeout_s: int = 120
     ts_token_expiration_min: int = 60
     ts_model_name: str = "e2vpt"
+    ts_java_heap_mb: int = 1024
+    ts_job_queue_size: int = 1000
+    ts_max_request_size: int = 24 * 1024 * 1024  # base64 JSON of a max_image_bytes image fits
+    ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
+    ts_mar_dir: str = "model_store/build"
 
 
 @lru_cache(maxsize=1)
@@ -103,3 +106,14 @@ def env_names(settings_cls: type[BaseSettings] = Settings) -> dict[str, str]:
         else:
             names[f"{prefix}{field_name}".upper()] = field_name
     return names
+
+
+def settings_with_defaults(defaults: dict[str, object]) -> Settings:
+    """Settings whose defaults come from `defaults` (e.g. the engine config packed into a .mar), while
+    environment variables (E2VPT_*) still override them."""
+    from_env = Settings()
+    unknown = set(defaults) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    merged = {**defaults, **{k: getattr(from_env, k) for k in from_env.model_fields_set}}
+    return Settings(**merged)

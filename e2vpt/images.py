@@ -47,7 +47,9 @@ def decode_image(
             if width <= 0 or height <= 0:
                 raise InvalidImage(f"image has no pixels ({width}x{height})")
             if width * height > max_pixels:
-                raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+                raise ImageTooLarge(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

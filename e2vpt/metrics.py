@@ -28,14 +28,28 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
     0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-COLD_LOAD_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+COLD_LOAD_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OTHER_LABEL = "other"
 UNKNOWN_LABEL = "unknown"  # items whose task id is invalid or not registered (no label per junk id)
 
 
 def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
 class TaskLabeler:
@@ -93,7 +107,9 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.batch_size = Histogram("e2vpt_batch_size", "Items per engine batch", buckets=SIZE_BUCKETS, registry=reg)
+        self.batch_size = Histogram(
+            "e2vpt_batch_size", "Items per engine batch", buckets=SIZE_BUCKETS, registry=reg
+        )
         self.tasks_per_batch = Histogram(
             "e2vpt_tasks_per_batch", "Distinct tasks per engine batch", buckets=SIZE_BUCKETS, registry=reg
         )
@@ -118,7 +134,9 @@ class ServingMetrics:
             "e2vpt_cache_resident_bytes", "Bytes of resident prompt sets (summed over workers)", registry=reg,
             **gauge_kw,
         )  # fmt: skip
-        self.store_errors = Counter("e2vpt_store_errors", "Prompt store (Redis) errors seen by serving", registry=reg)
+        self.store_errors = Counter(
+            "e2vpt_store_errors", "Prompt store (Redis) errors seen by serving", registry=reg
+        )
         self.store_updates = Counter(
             "e2vpt_cache_updates", "Prompt sets replaced or dropped after a store event or version check",
             ["reason"], registry=reg,
@@ -170,7 +188,9 @@ class MetricsEndpoint:
     """Serves `metrics` on bind:port. When the port is taken (a sibling worker serves it) keep retrying in
     the background, so another worker takes over if the serving one exits."""
 
-    def __init__(self, metrics: ServingMetrics, port: int, bind: str = "127.0.0.1", retry_s: float = 2.0) -> None:
+    def __init__(
+        self, metrics: ServingMetrics, port: int, bind: str = "127.0.0.1", retry_s: float = 2.0
+    ) -> None:
         self.metrics, self.port, self.bind, self.retry_s = metrics, port, bind, retry_s
         self.server: WSGIServer | None = None
         self._stop = threading.Event()
@@ -179,10 +199,14 @@ class MetricsEndpoint:
 
     def _try_start(self) -> bool:
         try:
-            self.server, _ = start_http_server(self.port, addr=self.bind, registry=self.metrics.exposition_registry())
+            self.server, _ = start_http_server(
+                self.port, addr=self.bind, registry=self.metrics.exposition_registry()
+            )
         except OSError:
             return False
-        log.info("serving Prometheus metrics on http://%s:%d/metrics (pid %d)", self.bind, self.port, os.getpid())
+        log.info(
+            "serving Prometheus metrics on http://%s:%d/metrics (pid %d)", self.bind, self.port, os.getpid()
+        )
         return True
 
     def _retry(self) -> None:
