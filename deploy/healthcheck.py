@@ -4,7 +4,8 @@
     python deploy/healthcheck.py registry     # GET /healthz on the registry port
 
 Ports come from e2vpt.config.Settings (the same environment the service reads). TorchServe's token
-authorization protects even /ping: the inference key is read from TorchServe's key_file.json."""
+authorization protects even /ping: the inference key is read from key_file.json in TorchServe's working
+directory (E2VPT_TS_WORKDIR, where `serve start` runs it)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,6 @@ def _load_settings_class() -> type:
 
 
 Settings = _load_settings_class()
-
-KEY_FILES = ("key_file.json", "model_store/build/key_file.json")
 
 
 def inference_key(paths: list[Path]) -> str | None:
@@ -75,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, action="append", default=None)
     args = parser.parse_args(argv)
     try:
-        ok, detail = check(
-            args.service, args.host, args.timeout, args.key_file or [Path(p) for p in KEY_FILES]
-        )
+        key_files = args.key_file or [Path(Settings().ts_workdir) / "key_file.json"]
+        ok, detail = check(args.service, args.host, args.timeout, key_files)
     except OSError as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     print(("healthy: " if ok else "unhealthy: ") + detail)

@@ -102,13 +102,14 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def cli_commands(text: str) -> list[list[str]]:
-    """Every `python -m e2vpt.cli ...` / `"$PYTHON" -m e2vpt.cli ...` invocation in a script, as argv."""
+    """Every `python -m e2vpt.cli ...` / `"$PYTHON" -m e2vpt.cli ...` invocation in a script, as argv:
+    the plain words after the module, up to the first shell syntax (quote, `)`, `;`, `|`, `&`, `#`)."""
     out = []
     for line in text.splitlines():
-        if line.lstrip().startswith("#") or "-m e2vpt.cli" not in line:
+        if line.lstrip().startswith("#"):
             continue
-        argv = shlex.split(line.split("-m e2vpt.cli", 1)[1].split("#", 1)[0])
-        out.append([a for a in argv if a not in ('"$@"', "$@")])
+        for match in re.finditer(r"-m e2vpt\.cli((?:[ \t]+[A-Za-z0-9_./=:@+-]+)*)", line):
+            out.append(match.group(1).split())
     return out
 
 
@@ -323,7 +324,7 @@ def test_entrypoints_are_the_repos_scripts_and_valid_commands() -> None:
     assert entry == ["deploy/serve-entrypoint.sh"] and script.is_file()
     assert os.access(script, os.X_OK), "the entrypoint script must be executable"
     commands = cli_commands(script.read_text())
-    assert [c[:2] for c in commands] == [["serve", "build-mar"], ["serve", "start"]]
+    assert [c[:2] for c in commands] == [["serve", "build-mar"], ["serve", "start"], ["serve", "stop"]]
     for argv in commands:
         assert_cli_parses(argv)
 
