@@ -1,6 +1,6 @@
 """Container health checks (Docker HEALTHCHECK / compose `healthcheck`), stdlib + e2vpt.config only.
 
-    python deploy/healthcheck.py torchserve   # GET /ping on the inference port, expects "Healthy"
+    python deploy/healthcheck.py torchserve   # /ping says "Healthy" and E2VPT_TS_WORKERS workers are READY
     python deploy/healthcheck.py registry     # GET /healthz on the registry port
 
 Ports come from e2vpt.config.Settings (the same environment the service reads). TorchServe's token
@@ -34,15 +34,16 @@ def _load_settings_class() -> type:
 Settings = _load_settings_class()
 
 
-def inference_key(paths: list[Path]) -> str | None:
+def key(paths: list[Path], kind: str) -> str | None:
+    """TorchServe's `kind` ("inference" or "management") key from the first readable key_file.json."""
     for path in paths:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        key = data.get("inference", {}).get("key") if isinstance(data, dict) else None
-        if isinstance(key, str):
-            return key
+        found = data.get(kind, {}).get("key") if isinstance(data, dict) else None
+        if isinstance(found, str):
+            return found
     return None
 
 
@@ -58,10 +59,23 @@ def get(url: str, token: str | None, timeout: float) -> tuple[int, str]:
 def check(service: str, host: str, timeout: float, key_files: list[Path]) -> tuple[bool, str]:
     settings = Settings()
     if service == "torchserve":
+        # /ping answers "Healthy" as soon as the frontend runs, before a worker has loaded the model:
+        # also ask the management API how many workers are READY.
         status, body = get(
-            f"http://{host}:{settings.ts_inference_port}/ping", inference_key(key_files), timeout
+            f"http://{host}:{settings.ts_inference_port}/ping", key(key_files, "inference"), timeout
         )
-        return status == 200 and "Healthy" in body, f"/ping -> {status} {body.strip()[:200]}"
+        if status != 200 or "Healthy" not in body:
+            return False, f"/ping -> {status} {body.strip()[:200]}"
+        url = f"http://{host}:{settings.ts_management_port}/models/{settings.ts_model_name}"
+        status, body = get(url, key(key_files, "management"), timeout)
+        if status != 200:
+            return False, f"/models/{settings.ts_model_name} -> {status} {body.strip()[:200]}"
+        try:
+            workers = [w for m in json.loads(body) for w in m.get("workers", [])]
+        except (ValueError, AttributeError, TypeError):
+            return False, f"unexpected model description {body[:200]!r}"
+        ready = sum(1 for w in workers if w.get("status") == "READY")
+        return ready >= max(1, settings.ts_workers), f"{ready}/{settings.ts_workers} workers READY"
     status, body = get(f"http://{host}:{settings.registry_port}/healthz", None, timeout)
     return status == 200, f"/healthz -> {status} {body.strip()[:200]}"
 

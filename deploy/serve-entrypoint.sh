@@ -13,6 +13,15 @@ PYTHON="${PYTHON:-python}"
 echo "[serve-entrypoint] building the model archive"
 "$PYTHON" -m e2vpt.cli serve build-mar
 
+# Installed before the start: a SIGTERM during start-up stops TorchServe once `serve start` returns.
+pid="?"
+stop() {
+    echo "[serve-entrypoint] stopping TorchServe (pid $pid)"
+    "$PYTHON" -m e2vpt.cli serve stop || true
+    exit 0
+}
+trap stop TERM INT
+
 echo "[serve-entrypoint] starting TorchServe"
 # `serve start` prints its state as JSON (pid, workdir, URLs, inference token) on stdout.
 state="$("$PYTHON" -m e2vpt.cli serve start "$@")"
@@ -20,13 +29,6 @@ field() { "$PYTHON" -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[
 pid="$(field pid)"
 workdir="$(field workdir)"
 echo "[serve-entrypoint] TorchServe ready (pid $pid, workdir $workdir): $(field predictions_url)"
-
-stop() {
-    echo "[serve-entrypoint] stopping TorchServe (pid $pid)"
-    "$PYTHON" -m e2vpt.cli serve stop || true
-    exit 0
-}
-trap stop TERM INT
 
 tail -n +1 -F "$workdir/torchserve.out" &
 tail_pid=$!
