@@ -20,6 +20,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
+bench: setup
+	$(BIN)/python benchmarks/bench_model.py
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -30,3 +33,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build runs .pytest_cache
+
+demo: setup
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)

@@ -126,15 +126,23 @@ def read_checkpoint_spec(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[CHECKPOINT_META_KEY]) if CHECKPOINT_META_KEY in meta else None
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        spec = json.loads(meta[CHECKPOINT_META_KEY]) if CHECKPOINT_META_KEY in meta else None
+    except Exception as exc:  # not a safetensors file, or a spec that is not JSON
+        raise UnsupportedBackbone(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+        raise UnsupportedBackbone(f"checkpoint {path} has a malformed {CHECKPOINT_META_KEY!r} spec")
+    return spec
 
 
 def save_checkpoint(
     model: VisionTransformer, name: str, model_kwargs: dict[str, Any], path: str | Path
 ) -> Path:
-    """Save a backbone as .safetensors with the spec needed to rebuild it (`load_backbone(checkpoint=path)`)."""
+    """Save a backbone as .safetensors with the spec to rebuild it: `load_backbone(checkpoint=path)`."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -182,14 +190,22 @@ def load_backbone(
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-        if path.suffix.lower() == ".npz":
-            model.load_pretrained(str(path))
-        else:
-            missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
-            if missing or unexpected:
-                raise UnsupportedBackbone(
-                    f"checkpoint {path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+        try:
+            if path.suffix.lower() == ".npz":
+                model.load_pretrained(str(path))
+            else:
+                missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
+                if missing or unexpected:
+                    raise UnsupportedBackbone(
+                        f"checkpoint {path} does not fit {name}: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                    )
+        except UnsupportedBackbone:
+            raise
+        except Exception as exc:  # corrupt file, wrong shapes, wrong layout: one typed error with the cause
+            raise UnsupportedBackbone(
+                f"cannot load checkpoint {path} into {name}: {type(exc).__name__}: {exc}"
+            ) from exc
         log.info("loaded backbone %s from %s", name, path)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)

@@ -81,12 +81,15 @@ class PromptCache:
         max_bytes: int = 512 * 1024 * 1024,
         pinned: Iterable[str] = (),
         version_check_ms: int = 500,
+        store_backoff_ms: int = 1000,
         metrics: ServingMetrics | None = None,
     ) -> None:
         self.store = store
         self.device, self.dtype = torch.device(device), dtype
         self.max_bytes = max_bytes
         self.version_check_s = version_check_ms / 1000.0
+        self.store_backoff_s = store_backoff_ms / 1000.0
+        self._store_down_until = 0.0
         self.metrics = metrics
         self.stats = CacheStats()
         self._entries: OrderedDict[str, CachedPrompts] = OrderedDict()
@@ -158,6 +161,9 @@ class PromptCache:
         """task id -> cached version, least recently used first."""
         with self._lock:
             return {t: e.version for t, e in self._entries.items()}
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._entries
 
     def get(self, task_id: str) -> CachedPrompts:
         res = self.get_many([task_id])[task_id]
@@ -233,6 +239,10 @@ class PromptCache:
                 self._inflight.pop(task_id, None)
 
     def _fetch(self, task_id: str, *, cold: bool = True) -> CachedPrompts:
+        if cold and time.monotonic() < self._store_down_until:
+            raise StoreUnavailable(
+                "prompt store (Redis) unavailable (a recent request failed; retrying shortly)"
+            )
         t0 = time.perf_counter()
         try:
             ps, version = self.store.get(task_id)  # validated against the backbone by the store
@@ -284,6 +294,7 @@ class PromptCache:
             self.metrics.resident_bytes.set(self._bytes)
 
     def _store_error(self, exc: Exception) -> None:
+        self._store_down_until = time.monotonic() + self.store_backoff_s
         self.stats.store_errors += 1
         if self.metrics:
             self.metrics.store_errors.inc()
@@ -333,7 +344,7 @@ class PromptCache:
         if self.version_check_s < 0:
             return
         now = time.monotonic()
-        if now - self._last_check < self.version_check_s:
+        if now - self._last_check < self.version_check_s or now < self._store_down_until:
             return
         self._last_check = now
         self.check_versions(task_ids)

@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Modules that contribute subcommands: each defines `register(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ("e2vpt.torchserve",)
+COMMAND_MODULES: tuple[str, ...] = ("e2vpt.registry_cli", "e2vpt.torchserve", "training.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     cache_preload_tasks: list[str] = []
     # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
     cache_version_check_ms: int = 500
+    # After a store error, fail cold loads at once (503) and skip version checks for this long: a Redis that
+    # times out (rather than refusing) must not stall every batch for store_socket_timeout.
+    cache_store_backoff_ms: int = 1000
     # Metrics: per-task labels for the N busiest tasks, the rest as "other".
     metrics_top_tasks: int = 50
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
@@ -79,6 +82,17 @@ class Settings(BaseSettings):
     ts_max_request_size: int = 24 * 1024 * 1024  # base64 JSON of a max_image_bytes image fits
     ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
     ts_mar_dir: str = "model_store/build"
+
+    # --- training (training/, `e2vpt train`) ----------------------------------------------------
+    # Where the offline upstream ViT of the fidelity study is cached (created once by
+    # `training.upstream.ensure_upstream`, then reused).
+    upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
+    # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
+    train_out_dir: str = "runs"
+    # Registry API that `e2vpt train --register` PUTs prompt sets to, and its bearer token.
+    register_url: str | None = None
+    register_token: str | None = None
+    register_timeout_s: float = 30.0
 
 
 @lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from e2vpt.backbone import Backbone, load_backbone
+from e2vpt.backbone import Backbone, load_backbone, read_checkpoint_spec
 from e2vpt.backends import FeatureBackend, TorchBackend
 from e2vpt.cache import CachedPrompts, PromptCache
 from e2vpt.config import Settings, get_settings
@@ -117,6 +117,7 @@ class MultiTaskEngine:
             max_bytes=self.settings.cache_max_bytes,
             pinned=self.settings.cache_pinned_tasks,
             version_check_ms=self.settings.cache_version_check_ms,
+            store_backoff_ms=self.settings.cache_store_backoff_ms,
             metrics=self.metrics,
         )
         self.preload_errors: dict[str, E2VPTError] = {}
@@ -128,8 +129,11 @@ class MultiTaskEngine:
     def from_settings(cls, settings: Settings | None = None, *, start: bool = True) -> MultiTaskEngine:
         """Backbone (name / checkpoint, device, dtype), store, backend and cache, all from Settings."""
         settings = settings or get_settings()
+        ckpt = settings.backbone_checkpoint
+        # a checkpoint saved by this project names its own model; other weight files need the settings' name
+        name = None if ckpt and read_checkpoint_spec(ckpt) is not None else settings.backbone
         backbone = load_backbone(
-            settings.backbone if not settings.backbone_checkpoint else None,
+            name,
             checkpoint=settings.backbone_checkpoint,
             pretrained=settings.backbone_pretrained,
             device=settings.device,
@@ -170,7 +174,9 @@ class MultiTaskEngine:
                 if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                     raise BadRequest(f"top_k must be a positive integer, got {k!r}")
                 img = decode_image(
-                    item.image, max_pixels=self.settings.max_image_pixels, max_bytes=self.settings.max_image_bytes
+                    item.image,
+                    max_pixels=self.settings.max_image_pixels,
+                    max_bytes=self.settings.max_image_bytes,
                 )
                 x = self.transform(img)
                 ready.append((i, task_id, x, k))
@@ -200,7 +206,14 @@ class MultiTaskEngine:
         final: list[Result | E2VPTError] = []
         for item, res in zip(items, out, strict=True):
             assert res is not None
+            # a task label only for registered tasks (known here): junk ids must not create label values
             task_id = item.task_id if isinstance(item, RequestItem) else None
+            known = isinstance(res, Result) or (
+                task_id is not None
+                and not isinstance(resolved.get(task_id), E2VPTError)
+                and task_id in self.cache
+            )
+            task_id = task_id if known else None
             self.metrics.observe_item(task_id, 200 if isinstance(res, Result) else http_status(res), elapsed)
             final.append(res)
         return final

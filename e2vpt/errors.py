@@ -40,6 +40,12 @@ class IncompatiblePromptSet(InvalidPromptSet):
     code = "incompatible_prompt_set"
 
 
+class TaskIdMismatch(InvalidPromptSet):
+    """A file uploaded under one task id whose metadata names another (registry API)."""
+
+    code = "task_id_mismatch"
+
+
 class PromptSetTooLarge(E2VPTError):
     http_status = 413
     code = "prompt_set_too_large"
@@ -86,6 +92,22 @@ class StoreUnavailable(E2VPTError):
     code = "store_unavailable"
 
 
+class RegistryRequestError(E2VPTError):
+    """An error answered by the registry API to a client (CLI): carries the server's status and code."""
+
+    def __init__(self, message: str, *, status: int, code: str = "registry_error") -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.code = code
+
+
+class RegistryUnreachable(E2VPTError):
+    """The registry API cannot be reached (connection refused, timeout)."""
+
+    http_status = 503
+    code = "registry_unreachable"
+
+
 class UnsupportedBackbone(E2VPTError):
     """A model that is not a timm VisionTransformer this project can prompt (or export)."""
 
@@ -98,6 +120,13 @@ class InvalidDataset(E2VPTError):
 
     http_status = 422
     code = "invalid_dataset"
+
+
+class RegistrationFailed(E2VPTError):
+    """The prompt registry refused a prompt set or could not be reached (training's `--register`)."""
+
+    http_status = 502
+    code = "registration_failed"
 
 
 def http_status(exc: BaseException) -> int:

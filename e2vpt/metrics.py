@@ -142,13 +142,12 @@ class ServingMetrics:
             ["reason"], registry=reg,
         )  # fmt: skip
 
-    def task_label(self, task_id: str | None, status: int) -> str:
-        if task_id is None or status in (400, 404):
-            return UNKNOWN_LABEL
-        return self.labeler.label(task_id)
+    def task_label(self, task_id: str | None) -> str:
+        """None (the item's task is not a known, registered one) -> "unknown"; else the bounded label."""
+        return UNKNOWN_LABEL if task_id is None else self.labeler.label(task_id)
 
     def observe_item(self, task_id: str | None, status: int, seconds: float) -> None:
-        label = self.task_label(task_id, status)
+        label = self.task_label(task_id)
         self.requests.labels(task=label, status=str(status)).inc()
         self.latency.labels(task=label).observe(seconds)
 

@@ -22,7 +22,8 @@ from e2vpt.promptset import PromptSet, expand_segment_mask
 
 
 def prompted_attention(attn: nn.Module, x: Tensor, kv_prompt: Tensor | None, mask: Tensor | None) -> Tensor:
-    """timm `Attention` with key-value prompts. kv_prompt: [B, 2, H, T, Dh]; mask: [B, 1, 1, N + T] bool."""
+    """timm `Attention` with key-value prompts. kv_prompt: [B, 2, H, T, Dh]; mask: [B, 1, 1, N + T], bool
+    (True = attend) or additive float."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -37,6 +38,47 @@ def prompted_attention(attn: nn.Module, x: Tensor, kv_prompt: Tensor | None, mas
     if gate is not None:
         x = x * gate
     return attn.proj_drop(attn.proj(x))
+
+
+def _capturing_graph() -> bool:
+    """True while an exporter or compiler traces the model (then in-place updates are avoided)."""
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
+
+
+def key_padding_mask(
+    B: int,
+    npre: int,
+    n_patches: int,
+    P: int,
+    T: int,
+    visual_valid: Tensor | None,
+    kv_valid: Tensor | None,
+    dtype: torch.dtype,
+    always: bool = False,
+) -> Tensor | None:
+    """Additive attention mask [B, 1, 1, npre + P + n_patches + T] (0 = attend, -inf = padding), or None
+    when nothing is padded (then the fused attention runs without a mask)."""
+    if always:  # graph capture: no data-dependent branch, the mask is built whenever masks are given
+        pad_p = P > 0 and visual_valid is not None
+        pad_t = T > 0 and kv_valid is not None
+    else:
+        pad_p = P > 0 and visual_valid is not None and not bool(visual_valid.all())
+        pad_t = T > 0 and kv_valid is not None and not bool(kv_valid.all())
+    if not (pad_p or pad_t):
+        return None
+    device = (visual_valid if pad_p else kv_valid).device  # type: ignore[union-attr]
+    valid = torch.ones(B, npre + P + n_patches + T, dtype=torch.bool, device=device)
+    if pad_p:
+        valid[:, npre : npre + P] = visual_valid
+    if pad_t:
+        valid[:, npre + P + n_patches :] = kv_valid
+    mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
+    return mask[:, None, None, :]
 
 
 def prompted_block(blk: nn.Module, x: Tensor, kv_prompt: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -75,7 +117,8 @@ class TaskBatch:
         U = len(sets)
         L, _, D = sets[0].visual.shape
         _, _, H, _, Dh = sets[0].kv.shape
-        P = max(s.num_prompts for s in sets)
+        visuals = [s.masked_visual() if s.is_masked else s.visual for s in sets]
+        P = max(v.shape[1] for v in visuals)
         T = max(s.num_kv for s in sets)
         C = max(s.num_classes for s in sets)
         kw = {"device": device, "dtype": dtype}
@@ -85,8 +128,7 @@ class TaskBatch:
         head_bias = torch.zeros(U, C, **kw)
         visual_valid = torch.zeros(U, P, dtype=torch.bool, device=device)
         kv_valid = torch.zeros(U, T, dtype=torch.bool, device=device)
-        for u, s in enumerate(sets):
-            vis = s.masked_visual() if (s.token_mask is not None or s.segment_mask is not None) else s.visual
+        for u, (s, vis) in enumerate(zip(sets, visuals, strict=True)):
             p, t, c = vis.shape[1], s.num_kv, s.num_classes
             visual[u, :, :p] = vis.to(**kw)
             kv[u, :, :, :, :t] = s.kv_pair().to(**kw)
@@ -230,30 +272,20 @@ class PromptedViT(nn.Module):
         npre = vit.num_prefix_tokens
         P = visual.shape[2] if visual is not None else 0
         T = kv.shape[4] if kv is not None else 0
-        mask = None
-        if (P and visual_valid is not None and not bool(visual_valid.all())) or (
-            T and kv_valid is not None and not bool(kv_valid.all())
-        ):
-            parts = [torch.ones(B, npre, dtype=torch.bool, device=x.device)]
-            parts.append(
-                visual_valid
-                if P and visual_valid is not None
-                else torch.ones(B, P, dtype=torch.bool, device=x.device)
-            )
-            parts.append(torch.ones(B, x.shape[1] - npre, dtype=torch.bool, device=x.device))
-            parts.append(
-                kv_valid
-                if T and kv_valid is not None
-                else torch.ones(B, T, dtype=torch.bool, device=x.device)
-            )
-            mask = torch.cat(parts, dim=1)[:, None, None, :]
+        tracing = _capturing_graph()
+        mask = key_padding_mask(B, npre, x.shape[1] - npre, P, T, visual_valid, kv_valid, x.dtype, tracing)
         for i, blk in enumerate(vit.blocks):
-            if P:
-                rest = x[:, npre:] if i == 0 else x[:, npre + P :]
-                x = torch.cat([x[:, :npre], visual[:, i], rest], dim=1)
+            if P and i == 0:
+                x = torch.cat([x[:, :npre], visual[:, 0].to(x.dtype), x[:, npre:]], dim=1)
+            elif P and not tracing:
+                # replace the previous block's outputs at the prompt positions (in place: the block's
+                # output is a fresh tensor no backward saved; autograd records the copy)
+                x[:, npre : npre + P] = visual[:, i]
+            elif P:  # graph capture (ONNX / torch.export / TorchScript): the same thing, out of place
+                x = torch.cat([x[:, :npre], visual[:, i].to(x.dtype), x[:, npre + P :]], dim=1)
             x = prompted_block(blk, x, kv[:, i] if T else None, mask)
         x = vit.norm(x)
-        if P:
+        if P and vit.global_pool != "token":
             x = torch.cat([x[:, :npre], x[:, npre + P :]], dim=1)  # pooling never sees prompt positions
         return vit.forward_head(x, pre_logits=True)
 

@@ -51,7 +51,8 @@ def check_task_id(task_id: object) -> str:
     """Task ids: 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
         raise InvalidTaskId(
-            f"invalid task id {task_id!r}: use 1-128 characters [A-Za-z0-9._-], starting with a letter or digit"
+            f"invalid task id {task_id!r}: use 1-128 characters [A-Za-z0-9._-], "
+            "starting with a letter or digit"
         )
     return task_id
 
@@ -129,6 +130,11 @@ class PromptSet:
         elif self.token_mask is not None:
             visual = int(self.token_mask.sum().item()) * self.visual.shape[0] * self.visual.shape[2]
         return visual + self.kv.numel() + self.head_weight.numel() + self.head_bias.numel()
+
+    @property
+    def is_masked(self) -> bool:
+        """True when a token or segment mask is attached (the model sees `masked_visual()`)."""
+        return self.token_mask is not None or self.segment_mask is not None
 
     def kv_pair(self) -> torch.Tensor:
         """KV prompts as [L, 2, H, T, Dh] (a tied set is expanded, not copied)."""
@@ -213,7 +219,7 @@ class PromptSet:
         )
 
     def masked_visual(self) -> torch.Tensor:
-        """Visual prompts with masks applied as the model sees them: pruned tokens removed, segments zeroed."""
+        """Visual prompts as the model sees them: pruned tokens removed, pruned segments zeroed."""
         return self.compact().visual
 
     # ------------------------------------------------------------------ conversion
@@ -293,7 +299,7 @@ class PromptSet:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int | None = None) -> PromptSet:
-        """Parse and structurally check a prompt-set file. Use `validate(info)` to check it against a backbone."""
+        """Parse and structurally check a prompt-set file; `validate(info)` checks it against a backbone."""
         limit = max_bytes if max_bytes is not None else get_settings().max_prompt_set_bytes
         if len(data) > limit:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
@@ -335,7 +341,8 @@ class PromptSet:
         settings = get_settings()
         if self.format_version != FORMAT_VERSION:
             raise UnsupportedFormatVersion(
-                f"format version {self.format_version!r} is not supported (this server reads {FORMAT_VERSION})"
+                f"format version {self.format_version!r} is not supported "
+                f"(this server reads {FORMAT_VERSION})"
             )
         check_task_id(self.task_id)
         for key in ("backbone", "fingerprint", "method"):
@@ -375,7 +382,8 @@ class PromptSet:
             raise InvalidPromptSet(f"head_bias is {tuple(self.head_bias.shape)}; expected [{C}]")
         if C < 1 or len(self.labels) != C:
             raise InvalidPromptSet(f"{len(self.labels)} labels for a head with {C} classes")
-        if P > settings.max_prompt_tokens or T > settings.max_kv_tokens or C > settings.max_classes:
+        limits = (settings.max_prompt_tokens, settings.max_kv_tokens, settings.max_classes)
+        if any(n > limit for n, limit in zip((P, T, C), limits, strict=True)):
             raise PromptSetTooLarge(
                 f"P={P}, T={T}, C={C} exceed the limits {settings.max_prompt_tokens}/"
                 f"{settings.max_kv_tokens}/{settings.max_classes}"
@@ -389,7 +397,8 @@ class PromptSet:
                 or D % self.segment_mask.shape[1]
             ):
                 raise InvalidPromptSet(
-                    f"segment_mask is {tuple(self.segment_mask.shape)}; expected [{P}, R] with {D} divisible by R"
+                    f"segment_mask is {tuple(self.segment_mask.shape)}; "
+                    f"expected [{P}, R] with {D} divisible by R"
                 )
             if self.segment_layout not in SEGMENT_LAYOUTS:
                 raise InvalidPromptSet(f"unknown segment layout {self.segment_layout!r}")
@@ -404,11 +413,12 @@ class PromptSet:
             return self
         if self.fingerprint != info.fingerprint:
             raise IncompatiblePromptSet(
-                f"prompt set {self.task_id!r} was made for backbone {self.fingerprint}, not {info.fingerprint}"
+                f"prompt set {self.task_id!r} was made for backbone {self.fingerprint}, "
+                f"not {info.fingerprint}"
             )
         L, _, D = self.visual.shape
         _, _, H, _, Dh = self.kv.shape
-        if (L, D) != (info.depth, info.embed_dim) or (
+        if (info.depth, info.embed_dim) != (L, D) or (
             self.num_kv and (H, Dh) != (info.num_heads, info.head_dim)
         ):
             raise IncompatiblePromptSet(

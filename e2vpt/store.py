@@ -44,6 +44,7 @@ from e2vpt.errors import (
     InvalidTaskId,
     PromptSetTooLarge,
     StoreUnavailable,
+    TaskIdMismatch,
     TaskNotFound,
     VersionNotFound,
 )
@@ -297,7 +298,7 @@ class PromptStore:
     def _change_keys(self, task_id: str) -> list[str]:
         return [self._k_current, self._k_counter, self._k_summary, self._k_index, *self._task_keys(task_id)]
 
-    def keys(self) -> list[bytes]:
+    def all_keys(self) -> list[bytes]:
         """Every key of this namespace and backbone (tests and benchmarks use it for snapshots/cleanup)."""
         with _wrap_redis():
             pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":*"
@@ -305,7 +306,7 @@ class PromptStore:
 
     def drop_all(self) -> int:
         """Delete every key of this namespace and backbone (publishes nothing). Returns the number deleted."""
-        keys = self.keys()
+        keys = self.all_keys()
         with _wrap_redis():
             return sum(self.client.delete(*keys[i : i + 500]) for i in range(0, len(keys), 500))
 
@@ -319,9 +320,16 @@ class PromptStore:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
         return self._write(ps, data)
 
-    def register_bytes(self, data: bytes) -> tuple[PromptSet, int]:
-        """Parse and validate a prompt-set file at the door, then store it. Nothing is written on error."""
+    def register_bytes(self, data: bytes, *, task_id: str | None = None) -> tuple[PromptSet, int]:
+        """Parse and validate a prompt-set file at the door, then store it. Nothing is written on error.
+
+        With `task_id`, the file's own task id must equal it (`TaskIdMismatch` otherwise).
+        """
+        if task_id is not None:
+            check_task_id(task_id)
         ps = PromptSet.from_bytes(data).validate(self.info)
+        if task_id is not None and ps.task_id != task_id:
+            raise TaskIdMismatch(f"the file is task {ps.task_id!r}, uploaded as {task_id!r}")
         return ps, self._write(ps, ps.to_bytes())
 
     def _write(self, ps: PromptSet, data: bytes) -> int:

@@ -376,6 +376,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_start(args: argparse.Namespace) -> int:
     settings = get_settings()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polling is not news
     mar = Path(args.mar or Path(settings.ts_mar_dir) / f"{settings.ts_model_name}.mar")
     ts = TorchServe(
         mar,

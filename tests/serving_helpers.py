@@ -30,7 +30,12 @@ def png_header_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's signature)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
@@ -38,10 +43,14 @@ def png_header_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
 
 
 @torch.inference_mode()
-def offline_predict(backbone: Backbone, ps: PromptSet, data: bytes, top_k: int = 5) -> list[tuple[str, float]]:
+def offline_predict(
+    backbone: Backbone, ps: PromptSet, data: bytes, top_k: int = 5
+) -> list[tuple[str, float]]:
     """The offline model: one image, one task, alone in its batch (no cache, no server)."""
     x = eval_transform(backbone.info)(decode_image(data))[None]
     batch = TaskBatch.from_prompt_sets([ps.validate(backbone.info)])
-    logits = PromptedViT(backbone).forward_multi(x, batch, torch.zeros(1, dtype=torch.long))[0, : ps.num_classes]
+    logits = PromptedViT(backbone).forward_multi(x, batch, torch.zeros(1, dtype=torch.long))[
+        0, : ps.num_classes
+    ]
     scores, idx = torch.softmax(logits, 0).topk(min(top_k, ps.num_classes))
     return [(ps.labels[j], float(s)) for s, j in zip(scores.tolist(), idx.tolist(), strict=True)]

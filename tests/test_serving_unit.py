@@ -61,7 +61,8 @@ def engine(backbone: Backbone, store: PromptStore) -> Iterator[MultiTaskEngine]:
 
 # ---------------------------------------------------------------------- images
 @pytest.mark.parametrize(
-    ("fmt", "mode"), [("PNG", "RGB"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P")]
+    ("fmt", "mode"),
+    [("PNG", "RGB"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P")],
 )
 def test_decode_formats_and_modes(fmt: str, mode: str) -> None:
     img = decode_image(image_bytes(1, (30, 20), fmt, mode))
@@ -112,7 +113,9 @@ def test_parse_raw_body_with_header_any_case() -> None:
 
 def test_parse_json_and_multipart() -> None:
     b64 = base64.b64encode(b"img").decode()
-    item = parse_request({"body": {"task_id": "a", "image": b64, "top_k": 2}}, {"Content-Type": "application/json"})
+    item = parse_request(
+        {"body": {"task_id": "a", "image": b64, "top_k": 2}}, {"Content-Type": "application/json"}
+    )
     assert (item.task_id, item.image, item.top_k) == ("a", b"img", 2)
     # JSON with a charset arrives undecoded
     raw = json.dumps({"task_id": "a", "image": "data:image/png;base64," + b64}).encode()
@@ -141,8 +144,14 @@ def test_parse_errors(request_: dict, headers: dict, error: type[Exception]) -> 
 
 
 # ---------------------------------------------------------------------- engine
-def test_mixed_batch_equals_offline_model(backbone: Backbone, store: PromptStore, engine: MultiTaskEngine) -> None:
-    sets = [make_set("a", backbone, 3, 1), make_set("b", backbone, 7, 2, num_prompts=4), make_set("c", backbone, 2, 3)]
+def test_mixed_batch_equals_offline_model(
+    backbone: Backbone, store: PromptStore, engine: MultiTaskEngine
+) -> None:
+    sets = [
+        make_set("a", backbone, 3, 1),
+        make_set("b", backbone, 7, 2, num_prompts=4),
+        make_set("c", backbone, 2, 3),
+    ]
     for ps in sets:
         store.register(ps)
     by_id = {ps.task_id: ps for ps in sets}
@@ -171,7 +180,16 @@ def test_bad_items_fail_alone(backbone: Backbone, store: PromptStore, engine: Mu
     ]
     out = engine.predict(items)
     kinds = [type(r) for r in out]
-    assert kinds == [Result, TaskNotFound, InvalidTaskId, InvalidImage, ImageTooLarge, InvalidImage, BadRequest, Result]
+    assert kinds == [
+        Result,
+        TaskNotFound,
+        InvalidTaskId,
+        InvalidImage,
+        ImageTooLarge,
+        InvalidImage,
+        BadRequest,
+        Result,
+    ]
     assert len(out[7].predictions) == 2
 
 
@@ -188,7 +206,9 @@ def test_incompatible_set_is_422(backbone: Backbone, store: PromptStore) -> None
         eng.close()
 
 
-def test_handle_batch_sets_per_item_status(backbone: Backbone, store: PromptStore, engine: MultiTaskEngine) -> None:
+def test_handle_batch_sets_per_item_status(
+    backbone: Backbone, store: PromptStore, engine: MultiTaskEngine
+) -> None:
     """With TorchServe's own Context class: failed items get their status, the others stay 200."""
     store.register(make_set("a", backbone))
     good = image_bytes(6)
@@ -289,13 +309,21 @@ def test_redis_outage_serves_cached_and_recovers(backbone: Backbone, tmp_path) -
     try:
         store.register(make_set("cached", backbone))
         store.register(make_set("cold", backbone, seed=1))
-        eng = MultiTaskEngine(backbone, store, Settings(cache_version_check_ms=0), metrics=metrics)
+        eng = MultiTaskEngine(
+            backbone, store, Settings(cache_version_check_ms=0, cache_store_backoff_ms=5_000), metrics=metrics
+        )
         img = image_bytes(1)
         assert isinstance(eng.predict([RequestItem("cached", img)])[0], Result)
         server.stop()
         out = eng.predict([RequestItem("cached", img), RequestItem("cold", img)])
-        assert isinstance(out[0], Result) and isinstance(out[1], StoreUnavailable) and out[1].http_status == 503
-        assert eng.cache.stats.store_errors >= 1
+        assert (
+            isinstance(out[0], Result) and isinstance(out[1], StoreUnavailable) and out[1].http_status == 503
+        )
+        errors = eng.cache.stats.store_errors
+        assert errors >= 1
+        # within the back-off, a cold load fails at once without waiting on Redis again
+        assert isinstance(eng.predict([RequestItem("cold", img)])[0], StoreUnavailable)
+        assert eng.cache.stats.store_errors == errors
         server.start()
         assert _wait_for(lambda: isinstance(eng.predict([RequestItem("cold", img)])[0], Result), 15)
         # the subscription came back too: an update reaches the cache without a version check
@@ -323,11 +351,13 @@ def test_engine_metrics_counts(backbone: Backbone, store: PromptStore) -> None:
     eng = MultiTaskEngine(backbone, store, Settings(), metrics=metrics)
     try:
         eng.predict([RequestItem("a", image_bytes(1))] * 3 + [RequestItem("zzz", image_bytes(1))])
-        eng.predict([RequestItem("a", image_bytes(2))])
+        eng.predict([RequestItem("a", image_bytes(2)), RequestItem("a", b"junk"), RequestItem("b", b"junk")])
     finally:
         eng.close()
     text = generate_latest(metrics.registry).decode()
-    assert 'e2vpt_request_latency_seconds_count{task="a"} 4.0' in text
+    assert 'e2vpt_request_latency_seconds_count{task="a"} 5.0' in text
+    assert 'e2vpt_requests_total{status="400",task="a"} 1.0' in text  # bad image for a known task
+    assert 'e2vpt_requests_total{status="400",task="unknown"} 1.0' in text  # never-loaded task b
     assert 'e2vpt_request_latency_seconds_bucket{le="0.0005",task="a"}' in text
     assert 'e2vpt_requests_total{status="404",task="unknown"} 1.0' in text
     assert "e2vpt_batch_size_count 2.0" in text and "e2vpt_cache_misses_total 2.0" in text
@@ -339,3 +369,24 @@ def test_settings_file_defaults_yield_to_env(monkeypatch: pytest.MonkeyPatch) ->
     assert (s.top_k, s.cache_max_bytes) == (3, 123)
     with pytest.raises(ValueError):
         settings_with_defaults({"no_such_field": 1})
+
+
+def test_engine_started_while_redis_down_recovers(backbone: Backbone, tmp_path) -> None:  # noqa: ANN001
+    """A worker that starts during an outage answers 503, then serves and follows events once Redis is back."""
+    server = RedisServer(tmp_path / "redis").start()
+    store = PromptStore(server.url, backbone.info, namespace="late", socket_timeout=0.5)
+    try:
+        store.register(make_set("a", backbone))
+        server.stop()
+        eng = MultiTaskEngine(backbone, store, Settings(cache_version_check_ms=-1, cache_preload_tasks=["a"]))
+        assert isinstance(eng.preload_errors["a"], StoreUnavailable)
+        (res,) = eng.predict([RequestItem("a", image_bytes(1))])
+        assert isinstance(res, StoreUnavailable)
+        server.start()
+        assert _wait_for(lambda: isinstance(eng.predict([RequestItem("a", image_bytes(1))])[0], Result), 15)
+        assert _wait_for(lambda: eng.cache._subscription is not None, 10)
+        store.register(make_set("a", backbone, seed=3))
+        assert _wait_for(lambda: eng.cache.resident().get("a") == 2, 10)  # events only (no version check)
+        eng.close()
+    finally:
+        server.stop()

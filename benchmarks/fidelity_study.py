@@ -1,0 +1,45 @@
+"""Fidelity study: linear vs vpt-deep vs e2vpt vs pruned e2vpt on the generated mini-VTAB, on the offline
+upstream ViT (pretrained once by `training.upstream.ensure_upstream`).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/fidelity_study.py --quick --out runs/study-quick
+    .venv/bin/python benchmarks/fidelity_study.py --out runs/study            # the full budget
+
+Writes results.json, results.md and results.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+
+from training.minivtab import TASKS
+from training.study import StudyConfig, run_study
+from training.upstream import ensure_upstream, load_upstream
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few minutes: fewer images and epochs")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--upstream", help="upstream checkpoint (default: Settings.upstream_checkpoint)")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="base lr for every method")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = StudyConfig.quick() if args.quick else StudyConfig()
+    cfg = replace(cfg, tasks=tuple(args.tasks.split(",")), seed=args.seed)
+    if args.epochs:
+        cfg = replace(cfg, epochs=args.epochs)
+    if args.lr:
+        cfg = replace(cfg, base_lr=args.lr)
+    backbone = load_upstream(ensure_upstream(args.upstream))
+    data = run_study(cfg, args.out, backbone)
+    print((__import__("pathlib").Path(args.out) / "results.md").read_text())
+    print(f"{data['seconds'] / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""`make demo`: the main job end to end, narrated.
+
+Redis -> offline upstream ViT (cached) -> train mini-VTAB tasks with E2VPT + pruning (cached) ->
+register them through the registry API -> build the .mar and start TorchServe -> a mixed stream of
+requests for every task over HTTP -> per-task accuracy, latency percentiles, per-task Prometheus
+metrics -> register one more task while serving and query it at once -> stop what was started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from e2vpt.backbone import load_backbone, save_checkpoint  # noqa: E402
+from e2vpt.localredis import ensure_redis, free_port  # noqa: E402
+from e2vpt.promptset import PromptSet  # noqa: E402
+from e2vpt.registry_cli import RegistryClient  # noqa: E402
+from e2vpt.torchserve import TorchServe, build_mar  # noqa: E402
+
+log = logging.getLogger("demo")
+STEPS = 8
+
+
+def step(n: int, text: str) -> None:
+    print(f"\n\033[1m[{n}/{STEPS}] {text}\033[0m", flush=True)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def get_backbone(args: argparse.Namespace, cache: Path) -> Path:
+    """A backbone checkpoint with its build spec: the offline upstream ViT, or a named timm model."""
+    if args.backbone is None:
+        from training.upstream import ensure_upstream
+
+        path = ensure_upstream(cache / "upstream.safetensors")
+        print(f"    offline upstream ViT: {path} (pretrained once on a generated task, then reused)")
+        return path
+    path = cache / f"{args.backbone.replace('/', '_')}.safetensors"
+    if not path.is_file():
+        bb = load_backbone(args.backbone, pretrained=args.pretrained)
+        save_checkpoint(bb.model, bb.info.name, bb.info.model_kwargs, path)
+    print(f"    timm backbone {args.backbone} (pretrained={args.pretrained}) -> {path}")
+    return path
+
+
+def train_tasks(tasks: list[str], ckpt: Path, cache: Path) -> dict[str, Path]:
+    """Train (or reuse) one pruned E2VPT prompt set per mini-VTAB task."""
+    from training.pipeline import quick_demo_task
+
+    backbone = load_backbone(checkpoint=ckpt)
+    files: dict[str, Path] = {}
+    for task in tasks:
+        path = cache / "tasks" / backbone.info.fingerprint.split(":")[-1] / f"mini-{task}.safetensors"
+        if path.is_file():
+            print(f"    mini-{task}: cached {path}")
+        else:
+            t0 = time.perf_counter()
+            run = quick_demo_task(task, cache / "runs" / task, task_id=f"mini-{task}", backbone=backbone)
+            assert run.prompt_set is not None
+            run.prompt_set.save(path)
+            m = run.prompt_set.metrics
+            print(
+                f"    mini-{task}: trained in {time.perf_counter() - t0:.0f} s, "
+                f"P={run.prompt_set.num_prompts} T={run.prompt_set.num_kv}, "
+                f"{run.prompt_set.num_parameters:,} params, metrics {_short(m)}"
+            )
+        files[task] = path
+    return files
+
+
+def _short(metrics: dict) -> str:
+    keys = [k for k in metrics if "acc" in k]
+    return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys[:4] if isinstance(metrics[k], int | float))
+
+
+def start_registry(env: dict[str, str], port: int, logfile: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logfile.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the registry API exited; see {logfile}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError(f"the registry API did not become healthy; see {logfile}")
+
+
+def test_items(task: str, n: int) -> list[tuple[bytes, int]]:
+    """Held-out test images (never seen in training or validation) with their labels."""
+    from training.minivtab import generate
+
+    images, labels = generate(task, seed=0, n_test=n)
+    return [(png_bytes(images[-n + i]), int(labels[-n + i])) for i in range(n)]
+
+
+async def send_stream(
+    url: str, headers: dict[str, str], items: list[tuple[str, bytes]], concurrency: int
+) -> list[tuple[int, dict | str, float]]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def one(task_id: str, data: bytes) -> tuple[int, dict | str, float]:
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=data, headers={**headers, "X-Task-Id": task_id})
+                dt = time.perf_counter() - t0
+                try:
+                    return r.status_code, r.json(), dt
+                except ValueError:
+                    return r.status_code, r.text, dt
+
+        return await asyncio.gather(*(one(t, d) for t, d in items))
+
+
+def run_traffic(ts: TorchServe, tasks: dict[str, list[tuple[bytes, int]]], labels: dict[str, list[str]],
+                concurrency: int, seed: int = 0) -> None:
+    stream = [(task, data, y) for task, items in tasks.items() for data, y in items]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(stream))
+    stream = [stream[i] for i in order]
+    t0 = time.perf_counter()
+    results = asyncio.run(send_stream(ts.predictions_url, ts.auth(), [(t, d) for t, d, _ in stream], concurrency))
+    wall = time.perf_counter() - t0
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    errors: dict[str, int] = defaultdict(int)
+    lat: dict[str, list[float]] = defaultdict(list)
+    for (task, _, y), (status, body, dt) in zip(stream, results, strict=True):
+        total[task] += 1
+        lat[task].append(dt)
+        if status != 200 or not isinstance(body, dict):
+            errors[task] += 1
+            continue
+        correct[task] += int(body["predictions"][0]["label"] == labels[task][y])
+    print(f"    {len(stream)} requests, {len(tasks)} tasks, concurrency {concurrency}: "
+          f"{len(stream) / wall:.1f} req/s over HTTP")
+    print(f"    {'task':<22}{'n':>5}{'errors':>8}{'accuracy':>10}{'chance':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    for task in tasks:
+        p50, p95, p99 = (np.percentile(lat[task], q) * 1e3 for q in (50, 95, 99))
+        acc = correct[task] / total[task]
+        print(f"    {task:<22}{total[task]:>5}{errors[task]:>8}{acc:>10.3f}{1 / len(labels[task]):>8.3f}"
+              f"{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}")
+
+
+def show_metrics(ts: TorchServe, task_ids: list[str]) -> None:
+    urls = [u for u in (getattr(ts, "worker_metrics_url", None), ts.metrics_url) if u]
+    shown = 0
+    for url in urls:
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.HTTPError as exc:
+            print(f"    {url}: {exc}")
+            continue
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            if any(f'"{t}"' in line for t in task_ids) and ("_count" in line or "requests_total" in line):
+                print(f"    {line}")
+                shown += 1
+            if shown >= 14:
+                return
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="digits,count,orientation", help="mini-VTAB tasks served from the start")
+    p.add_argument("--late-task", default="textures", help="task registered while the server runs")
+    p.add_argument("--backbone", help="a timm model name instead of the offline upstream ViT")
+    p.add_argument("--pretrained", action="store_true", help="with --backbone: timm hub weights")
+    p.add_argument("--requests-per-task", type=int, default=100)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "demo")
+    p.add_argument("--keep-running", action="store_true", help="leave Redis/registry/TorchServe running")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    t_start = time.perf_counter()
+
+    with ExitStack() as stack:
+        step(1, "Redis: the system of record for prompt sets")
+        redis_url, local = ensure_redis(os.environ.get("REDIS_URL") or os.environ.get("E2VPT_REDIS_URL"))
+        if local is not None:
+            print(f"    no Redis answered: started a private redis-server at {redis_url} (AOF in {local.workdir})")
+            if not args.keep_running:
+                stack.callback(local.stop)
+        else:
+            print(f"    using the Redis at {redis_url}")
+
+        step(2, "Backbone: one frozen ViT for every task")
+        ckpt = get_backbone(args, args.cache)
+
+        step(3, f"Train {len(tasks)} mini-VTAB tasks with E2VPT, prune tokens and segments, rewind")
+        files = train_tasks(tasks, ckpt, args.cache)
+
+        step(4, "Registry API: register the prompt sets over HTTP")
+        token = secrets.token_urlsafe(24)
+        namespace = "e2vpt-demo"  # re-runs add versions; keys are namespaced by backbone fingerprint too
+        env = {
+            **os.environ,
+            "E2VPT_REDIS_URL": redis_url,
+            "E2VPT_STORE_NAMESPACE": namespace,
+            "E2VPT_BACKBONE_CHECKPOINT": str(ckpt),
+            "E2VPT_REGISTRY_TOKEN": token,
+            "PYTHONPATH": str(ROOT),
+        }
+        reg_port = free_port()
+        registry = start_registry(env, reg_port, args.cache / "registry.log")
+        if not args.keep_running:
+            stack.callback(registry.terminate)
+        client = RegistryClient(f"http://127.0.0.1:{reg_port}", token)
+        for task, path in files.items():
+            out = client.register(path.read_bytes(), f"mini-{task}")
+            print(f"    PUT /tasks/mini-{task} -> version {out['version']}")
+        print(f"    registry API at http://127.0.0.1:{reg_port} (namespace {namespace})")
+
+        step(5, "TorchServe: build the .mar and start one deployment for all tasks")
+        mar = build_mar(args.cache / "mar", checkpoint=ckpt)
+        ts = TorchServe(mar, args.cache / "torchserve", env={k: env[k] for k in
+                        ("E2VPT_REDIS_URL", "E2VPT_STORE_NAMESPACE", "PYTHONPATH")})
+        t0 = time.perf_counter()
+        ts.start()
+        if not args.keep_running:
+            stack.callback(ts.stop)
+        print(f"    {mar.name} serving at {ts.predictions_url} ({time.perf_counter() - t0:.0f} s to ready)")
+
+        step(6, "A mixed stream of requests for every task over HTTP (held-out test images)")
+        labels = {f"mini-{t}": PromptSet.load(files[t]).labels for t in tasks}
+        items = {f"mini-{t}": test_items(t, args.requests_per_task) for t in tasks}
+        run_traffic(ts, items, labels, args.concurrency)
+
+        step(7, "Per-task Prometheus metrics (excerpt)")
+        show_metrics(ts, list(items))
+
+        step(8, f"Register mini-{args.late_task} while serving; it answers without a restart")
+        late = train_tasks([args.late_task], ckpt, args.cache)[args.late_task]
+        out = client.register(late.read_bytes(), f"mini-{args.late_task}")
+        print(f"    PUT /tasks/mini-{args.late_task} -> version {out['version']}")
+        late_id = f"mini-{args.late_task}"
+        labels[late_id] = PromptSet.load(late).labels
+        run_traffic(ts, {late_id: test_items(args.late_task, args.requests_per_task)}, labels, args.concurrency)
+
+        print(f"\nDemo finished in {time.perf_counter() - t_start:.0f} s.", end=" ")
+        if args.keep_running:
+            print(f"Still running: Redis {redis_url}, registry http://127.0.0.1:{reg_port} (token {token}), "
+                  f"TorchServe {ts.predictions_url} (key {ts.keys()['inference']}).")
+        else:
+            print("Stopping what it started.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""One task end to end: (grid search) -> train -> (prune + rewind) -> prompt set + report + plots
+(-> registry). What `e2vpt train` runs; also the demo's fast path (`quick_demo_task`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e2vpt.backbone import Backbone
+from e2vpt.promptset import PromptSet
+from training.data import DataSplits
+from training.pruning import PruneConfig, PruneResult, prune_and_rewind
+from training.registry import register_prompt_set
+from training.report import plot_curves, plot_importance, write_json
+from training.trainer import TrainConfig, TrainResult, grid_search, initial_prompt_set, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskRun:
+    """What `run_task` produced. `prompt_set` is None for `full` (not a prompt set)."""
+
+    prompt_set: PromptSet | None
+    report: dict[str, Any]
+    train: TrainResult
+    prune: PruneResult | None
+    files: dict[str, Path]
+
+
+def run_task(
+    backbone: Backbone,
+    splits: DataSplits,
+    task_id: str,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    prune: PruneConfig | None = None,
+    grid: tuple[list[float], list[float]] | None = None,
+    resume: bool = False,
+    register_url: str | None = None,
+    register_token: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> TaskRun:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {
+        "task_id": task_id,
+        "dataset": splits.name,
+        "sizes": splits.sizes(),
+        "labels": splits.labels,
+        "backbone": backbone.info.name,
+        "fingerprint": backbone.info.fingerprint,
+        **(extra or {}),
+    }
+    if grid is not None:
+        config, table = grid_search(backbone, splits, config, task_id, *grid)
+        report["grid_search"] = {
+            "table": table,
+            "chosen": {"base_lr": config.base_lr, "weight_decay": config.weight_decay},
+        }
+    report["config"] = config.to_dict()
+    init = initial_prompt_set(task_id, backbone, splits.labels, config)
+    result = train(
+        backbone, splits, config, init, checkpoint=out / "checkpoint.pt", resume=resume, desc=config.method
+    )
+    report["train"] = {**result.summary(), "history": result.history}
+    files: dict[str, Path] = {}
+    histories = {"train": result.history}
+    ps: PromptSet | None = None
+    pr: PruneResult | None = None
+    if config.method != "full":
+        ps = result.prompts.to_prompt_set(init, pruned=False)
+        ps.metrics = {
+            "val_acc": result.val_acc,
+            "test_acc": result.test_acc,
+            "tuned_params": result.tuned_params,
+        }
+        if prune is not None:
+            if config.method == "linear":
+                log.warning("linear has no visual prompts: pruning skipped")
+            else:
+                pr = prune_and_rewind(
+                    backbone,
+                    splits,
+                    result,
+                    init,
+                    config,
+                    prune,
+                    checkpoint=out / "rewind_checkpoint.pt",
+                    resume=resume,
+                )
+                ps = pr.prompt_set
+                histories[prune.rewind] = pr.retrain.history
+                report["prune"] = {**pr.summary(), "history": pr.retrain.history}
+                files["importance_png"] = plot_importance(
+                    pr.token_importance,
+                    pr.segment_importance,
+                    pr.token_mask,
+                    pr.segment_mask,
+                    out / "importance.png",
+                )
+        final = pr.retrain if pr is not None else result
+        ps.metrics = {
+            **ps.metrics,
+            "val_acc": final.val_acc,
+            "test_acc": final.test_acc,
+            "tuned_params": ps.num_parameters,
+            "tuned_percent": 100.0 * ps.num_parameters / result.backbone_params,
+            "dataset": splits.name,
+        }
+        ps.config = {**ps.config, "train": config.to_dict()}
+        ps.validate(backbone.info)
+        files["prompt_set"] = ps.save(out / f"{task_id}.safetensors")
+        report["prompt_set"] = ps.summary()
+        report["result"] = {
+            "val_acc": final.val_acc,
+            "test_acc": final.test_acc,
+            "tuned_params": ps.num_parameters,
+            "tuned_percent": 100.0 * ps.num_parameters / result.backbone_params,
+            "num_prompts": ps.num_prompts,
+            "num_kv": ps.num_kv,
+        }
+    else:
+        report["result"] = {
+            "val_acc": result.val_acc,
+            "test_acc": result.test_acc,
+            "tuned_params": result.tuned_params,
+            "tuned_percent": result.tuned_percent,
+            "note": "full fine-tuning is the upper reference; it produces no prompt set",
+        }
+    files["curves_png"] = plot_curves(histories, out / "curves.png")
+    report["seconds"] = time.perf_counter() - t0
+    if register_url and ps is not None:
+        report["registered"] = register_prompt_set(register_url, ps, token=register_token)
+        log.info("registered %s: %s", task_id, report["registered"])
+    files["report"] = out / "report.json"
+    report["files"] = {k: str(v) for k, v in files.items()}
+    write_json(report, files["report"])
+    for name in ("checkpoint.pt", "rewind_checkpoint.pt"):
+        (out / name).unlink(missing_ok=True)  # the run finished: resuming is no longer needed
+    return TaskRun(ps, report, result, pr, files)
+
+
+# A config that trains a mini-VTAB task on the upstream ViT in about a minute on one CPU core.
+DEMO_CONFIG = TrainConfig(
+    method="e2vpt",
+    num_prompts=8,
+    num_kv=4,
+    num_segments=16,
+    epochs=4,
+    warmup_epochs=1,
+    batch_size=32,
+    base_lr=2.0,
+    weight_decay=1e-4,
+    progress=False,
+)
+
+
+def quick_demo_task(
+    task: str = "digits",
+    out_dir: str | Path = "runs/demo",
+    *,
+    task_id: str | None = None,
+    backbone: Backbone | None = None,
+    prune: bool = True,
+    seed: int = 0,
+    register_url: str | None = None,
+    register_token: str | None = None,
+) -> TaskRun:
+    """The demo's fast path: a mini-VTAB task trained with e2vpt (and pruned 50% tokens / 25% segments
+    with a short rewind) on the cached upstream ViT (`ensure_upstream`), about a minute on a CPU."""
+    from training.data import with_transforms
+    from training.minivtab import mini_vtab
+    from training.upstream import ensure_upstream, load_upstream
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if backbone is None:
+        backbone = load_upstream(ensure_upstream())
+    splits = with_transforms(mini_vtab(task, seed=seed, n_test=500), backbone.info)
+    cfg = replace(DEMO_CONFIG, seed=seed)
+    pcfg = PruneConfig(token_ratio=0.5, segment_ratio=0.25, rewind_epochs=2) if prune else None
+    return run_task(
+        backbone,
+        splits,
+        task_id or f"mini-{task}",
+        cfg,
+        out_dir,
+        prune=pcfg,
+        register_url=register_url,
+        register_token=register_token,
+    )

@@ -1,0 +1,295 @@
+"""E2VPT pruning and rewinding on top of a trained task.
+
+1. Token importance: |dL/d rho| (or the official signed mean) accumulated over the training data with
+   the trained prompts loaded and the token/segment gates held at 1 (`PromptedViT.forward_task` gates).
+2. Token pruning: a fixed ratio, or the largest ratio of a small grid whose masked val accuracy stays
+   within `tolerance` points of the unpruned model (no retraining inside the search).
+3. Segment importance with the token mask applied, then segment pruning inside the kept tokens (same
+   ratio-or-grid rule).
+4. Rewinding with both masks fixed: `rewind` (default; prompts, KV prompts and head reset to their values
+   at the start of training), `reinit` (a fresh random init), `finetune` (continue from trained values).
+5. The result is compacted: pruned tokens leave the tensor, pruned segments are stored as zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from e2vpt.backbone import Backbone
+from e2vpt.model import PromptedViT, TaskPrompts
+from e2vpt.promptset import PromptSet
+from e2vpt.pruning import kept_indices, segment_mask_from_scores, token_mask_from_scores
+from training.data import DataSplits
+from training.trainer import TrainConfig, TrainResult, evaluate, initial_prompt_set, loader, train
+
+log = logging.getLogger(__name__)
+
+REWIND_MODES = ("rewind", "reinit", "finetune")
+IMPORTANCE_MODES = ("abs", "signed")
+
+
+@dataclass
+class PruneConfig:
+    """`token_ratio` / `segment_ratio`: a fraction to prune, or None to search the grid on val."""
+
+    token_ratio: float | None = 0.5
+    segment_ratio: float | None = 0.25
+    token_grid: Sequence[float] = (0.25, 0.5, 0.75)
+    segment_grid: Sequence[float] = (0.125, 0.25, 0.5)
+    tolerance: float = 1.0
+    importance: str = "abs"
+    rewind: str = "rewind"
+    rewind_epochs: int | None = None
+    importance_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.rewind not in REWIND_MODES:
+            raise ValueError(f"unknown rewind mode {self.rewind!r}; expected one of {REWIND_MODES}")
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(
+                f"unknown importance mode {self.importance!r}; expected one of {IMPORTANCE_MODES}"
+            )
+        for r in (self.token_ratio, self.segment_ratio, *self.token_grid, *self.segment_grid):
+            if r is not None and not 0.0 <= r < 1.0:
+                raise ValueError(f"pruning ratios must be in [0, 1), got {r}")
+
+
+@dataclass
+class PruneResult:
+    prompt_set: PromptSet
+    token_mask: Tensor
+    segment_mask: Tensor
+    token_ratio: float
+    segment_ratio: float
+    token_importance: Tensor
+    segment_importance: Tensor
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    retrain: TrainResult
+    search: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "token_ratio": self.token_ratio,
+            "segment_ratio": self.segment_ratio,
+            "kept_tokens": kept_indices(self.token_mask),
+            "segment_mask": self.segment_mask.int().tolist(),
+            "rewind": self.prompt_set.config.get("rewind"),
+            "before": self.before,
+            "after": self.after,
+            "search": self.search,
+        }
+
+
+def importance(
+    model: PromptedViT,
+    prompts: TaskPrompts,
+    ds: Dataset,
+    *,
+    mode: str = "abs",
+    batch_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """(token scores [P], segment scores [P, R]) over one pass of `ds`, gates at 1, no dropout.
+
+    abs (paper, default): mean over batches of |dL/d gate|; signed (official code): the mean signed
+    dL/d gate, whose most negative entries are pruned first. Either way: lower = pruned first."""
+    model.eval()
+    prompts.eval()
+    P, R = prompts.segment_mask.shape
+    device = prompts.visual.device
+    tok_acc, seg_acc = torch.zeros(P), torch.zeros(P, R)
+    n = 0
+    for x, y in loader(ds, batch_size, shuffle=False):
+        tg = torch.ones(P, device=device, requires_grad=True)
+        sg = torch.ones(P, R, device=device, requires_grad=True)
+        loss = F.cross_entropy(
+            model.forward_task(x.to(device), prompts, token_gate=tg, segment_gate=sg), y.to(device)
+        )
+        gt, gs = torch.autograd.grad(loss, [tg, sg])
+        if mode == "abs":
+            tok_acc += gt.abs().cpu()
+            seg_acc += gs.abs().cpu()
+        else:
+            tok_acc += gt.cpu()
+            seg_acc += gs.cpu()
+        n += 1
+    tok, seg = tok_acc / max(n, 1), seg_acc / max(n, 1)
+    return tok, seg
+
+
+def _masked_val(model: PromptedViT, prompts: TaskPrompts, ds: Dataset, tok: Tensor, seg: Tensor) -> float:
+    p = TaskPrompts(
+        prompts.visual.detach(),
+        prompts.kv.detach(),
+        prompts.head.weight.detach(),
+        prompts.head.bias.detach(),
+        prompt_dropout=0.0,
+        token_mask=tok,
+        segment_mask=seg,
+        segment_layout=prompts.segment_layout,
+    ).to(prompts.visual.device)
+    return evaluate(model, p, ds)[0]
+
+
+def _pick(candidates: list[dict[str, float]], reference: float, tolerance: float) -> float:
+    """Largest ratio whose val accuracy is within `tolerance` of `reference`; else the best one."""
+    ok = [c for c in candidates if c["val_acc"] >= reference - tolerance]
+    if ok:
+        return max(c["ratio"] for c in ok)
+    return max(candidates, key=lambda c: (c["val_acc"], -c["ratio"]))["ratio"]
+
+
+def prune_and_rewind(
+    backbone: Backbone,
+    splits: DataSplits,
+    trained: TrainResult,
+    template: PromptSet,
+    config: TrainConfig,
+    prune: PruneConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+) -> PruneResult:
+    """Prune a trained e2vpt / vpt-deep task, retrain it with the masks fixed, and compact it.
+
+    `template` is the set the run started from (its values are the `rewind` target)."""
+    model, prompts = trained.model, trained.prompts
+    P, R = prompts.segment_mask.shape
+    if P == 0:
+        raise ValueError("nothing to prune: the task has no visual prompts")
+    ones_t, ones_s = torch.ones(P), torch.ones(P, R)
+    ref = _masked_val(model, prompts, splits.val, ones_t, ones_s)
+    search: dict[str, list[dict[str, float]]] = {}
+
+    tok_scores, _ = importance(
+        model, prompts, splits.train, mode=prune.importance, batch_size=prune.importance_batch_size
+    )
+    if prune.token_ratio is None:
+        rows = [
+            {
+                "ratio": r,
+                "val_acc": _masked_val(
+                    model, prompts, splits.val, token_mask_from_scores(tok_scores, r), ones_s
+                ),
+            }
+            for r in prune.token_grid
+        ]
+        search["token"] = rows
+        token_ratio = _pick(rows, ref, prune.tolerance)
+    else:
+        token_ratio = prune.token_ratio
+    tok_mask = token_mask_from_scores(tok_scores, token_ratio)
+
+    with torch.no_grad():
+        prompts.token_mask.copy_(tok_mask)
+    _, seg_scores = importance(
+        model, prompts, splits.train, mode=prune.importance, batch_size=prune.importance_batch_size
+    )
+    with torch.no_grad():
+        prompts.token_mask.fill_(1)
+    if prune.segment_ratio is None:
+        tok_ref = _masked_val(model, prompts, splits.val, tok_mask, ones_s)
+        rows = [
+            {
+                "ratio": r,
+                "val_acc": _masked_val(
+                    model, prompts, splits.val, tok_mask, segment_mask_from_scores(seg_scores, tok_mask, r)
+                ),
+            }
+            for r in prune.segment_grid
+        ]
+        search["segment"] = rows
+        segment_ratio = _pick(rows, tok_ref, prune.tolerance)
+    else:
+        segment_ratio = prune.segment_ratio
+    seg_mask = segment_mask_from_scores(seg_scores, tok_mask, segment_ratio)
+    pruned_val = _masked_val(model, prompts, splits.val, tok_mask, seg_mask)
+    log.info(
+        "pruned %d/%d tokens and %.0f%% of kept segments: val %.2f -> %.2f before rewinding",
+        int(P - tok_mask.sum()), P, 100 * segment_ratio, ref, pruned_val,
+    )  # fmt: skip
+
+    # Rewinding: which values the retraining starts from.
+    if prune.rewind == "rewind":
+        start = _with_state(template, trained.init_state)
+    elif prune.rewind == "reinit":
+        start = initial_prompt_set(template.task_id, backbone, template.labels, config, seed=config.seed + 1)
+        start = replace(
+            template,
+            visual=start.visual,
+            kv=start.kv,
+            head_weight=start.head_weight,
+            head_bias=start.head_bias,
+        )
+    else:
+        start = trained.prompts.to_prompt_set(template, pruned=False)
+    rcfg = replace(config, epochs=prune.rewind_epochs or config.epochs)
+    if prune.rewind_epochs:
+        rcfg.warmup_epochs = min(config.warmup_epochs, prune.rewind_epochs)
+    retrained = train(
+        backbone,
+        splits,
+        rcfg,
+        start,
+        token_mask=tok_mask,
+        segment_mask=seg_mask,
+        checkpoint=checkpoint,
+        resume=resume,
+        desc=f"{prune.rewind}",
+    )
+    masked = retrained.prompts.to_prompt_set(template, pruned=True)
+    masked.config = {
+        **template.config,
+        "token_ratio": token_ratio,
+        "segment_ratio": segment_ratio,
+        "importance": prune.importance,
+        "rewind": prune.rewind,
+        "token_mask": tok_mask.int().tolist(),
+    }
+    compact = masked.compact()
+    before = {
+        "val_acc": trained.val_acc,
+        "test_acc": trained.test_acc,
+        "pruned_val_acc_no_retrain": pruned_val,
+    }
+    after = {"val_acc": retrained.val_acc, "test_acc": retrained.test_acc}
+    compact.metrics = {
+        **compact.metrics,
+        "before_pruning": before,
+        "after_pruning": after,
+        "tuned_params_before": trained.tuned_params,
+        "tuned_params_after": compact.num_parameters,
+    }
+    return PruneResult(
+        prompt_set=compact,
+        token_mask=tok_mask,
+        segment_mask=seg_mask,
+        token_ratio=token_ratio,
+        segment_ratio=segment_ratio,
+        token_importance=tok_scores,
+        segment_importance=seg_scores,
+        before=before,
+        after=after,
+        retrain=retrained,
+        search=search,
+    )
+
+
+def _with_state(template: PromptSet, state: dict[str, Tensor]) -> PromptSet:
+    """`template` with the recorded TaskPrompts state (the values at the start of training)."""
+    return replace(
+        template,
+        visual=state["visual"].clone(),
+        kv=state["kv"].clone(),
+        head_weight=state["head.weight"].clone(),
+        head_bias=state["head.bias"].clone(),
+    )

@@ -1,0 +1,418 @@
+"""The official E2VPT training recipe and its baselines.
+
+SGD (momentum 0.9), lr = base_lr * batch / 256, linear warm-up from 0 then cosine (per step), weight
+decay on prompts and head weight but not on biases, backbone frozen and in eval mode, prompt dropout.
+Methods: `linear` (head only, P = T = 0), `vpt-deep` (visual prompts, T = 0), `e2vpt` (visual + KV
+prompts) and `full` (an unfrozen copy of the backbone; the upper reference, not a prompt set).
+
+Selection: `best` keeps the parameters of the epoch with the highest val accuracy (ties: later epoch
+loses), `last` the final ones. A checkpoint is written after every epoch with the optimiser and RNG
+states, so `resume=True` continues to exactly the result of an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from e2vpt.backbone import Backbone
+from e2vpt.errors import InvalidDataset
+from e2vpt.model import PromptedViT, TaskPrompts
+from e2vpt.promptset import PromptSet
+from training.data import DataSplits
+
+log = logging.getLogger(__name__)
+
+METHODS = ("linear", "vpt-deep", "e2vpt", "full")
+# The official grid (method.md section 7).
+OFFICIAL_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+OFFICIAL_WDS = (0.01, 1e-3, 1e-4, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `num_prompts` / `num_kv` are forced to 0 where the method has none."""
+
+    method: str = "e2vpt"
+    num_prompts: int = 10
+    num_kv: int = 5
+    share_kv: bool = True
+    num_segments: int = 16
+    segment_layout: str = "contiguous"
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 64
+    base_lr: float = 1.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    prompt_dropout: float = 0.1
+    seed: int = 0
+    select: str = "best"
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"select must be 'best' or 'last', got {self.select!r}")
+        if self.method in ("linear", "full"):
+            self.num_prompts, self.num_kv = 0, 0
+        elif self.method == "vpt-deep":
+            self.num_kv = 0
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate: base_lr * batch / 256."""
+        return self.base_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What one run produced. `prompts` hold the selected parameters; `model` is the PromptedViT they
+    run on (for `full`, an unfrozen copy of the backbone)."""
+
+    prompts: TaskPrompts
+    model: PromptedViT
+    config: TrainConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    val_acc: float
+    val_loss: float
+    test_acc: float | None
+    tuned_params: int
+    backbone_params: int
+    train_seconds: float
+    init_state: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def tuned_percent(self) -> float:
+        return 100.0 * self.tuned_params / max(self.backbone_params, 1)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.config.method,
+            "val_acc": self.val_acc,
+            "test_acc": self.test_acc,
+            "best_epoch": self.best_epoch,
+            "tuned_params": self.tuned_params,
+            "tuned_percent": self.tuned_percent,
+            "backbone_params": self.backbone_params,
+            "train_seconds": self.train_seconds,
+            "lr": self.config.lr,
+            "base_lr": self.config.base_lr,
+            "weight_decay": self.config.weight_decay,
+            "epochs": self.config.epochs,
+        }
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def backbone_param_count(backbone: Backbone) -> int:
+    """Parameters of the backbone without its own classifier (which this project never uses)."""
+    return sum(p.numel() for n, p in backbone.model.named_parameters() if not n.startswith("head."))
+
+
+def tuned_param_count(prompts: TaskPrompts, model: PromptedViT | None = None) -> int:
+    """Parameters really trained and stored: kept visual entries (pruned tokens and segments are not
+    counted), KV prompts (a tied set once), the head, and for `full` the unfrozen backbone."""
+    tok = prompts.token_mask > 0
+    L, _, D = prompts.visual.shape
+    R = prompts.segment_mask.shape[1]
+    visual = int(prompts.segment_mask[tok].sum().item()) * (D // R) * L if R and D % R == 0 else 0
+    n = visual + prompts.kv.numel() + prompts.head.weight.numel() + prompts.head.bias.numel()
+    if model is not None:
+        n += sum(
+            p.numel()
+            for nm, p in model.vit.named_parameters()
+            if p.requires_grad and not nm.startswith("head.")
+        )
+    return n
+
+
+def initial_prompt_set(
+    task_id: str, backbone: Backbone, labels: Sequence[str], config: TrainConfig, *, seed: int | None = None
+) -> PromptSet:
+    """The paper's initialisation for this method, deterministic from `seed` (default: the config's)."""
+    gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+    return PromptSet.create(
+        task_id,
+        backbone.info,
+        list(labels),
+        num_prompts=config.num_prompts,
+        num_kv=config.num_kv,
+        share_kv=config.share_kv,
+        num_segments=config.num_segments,
+        segment_layout=config.segment_layout,
+        method=config.method,
+        generator=gen,
+    )
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
+def param_groups(prompts: TaskPrompts, model: PromptedViT, config: TrainConfig) -> list[dict[str, Any]]:
+    """Weight decay on prompts, head weight (and full-tuning weight matrices); none on biases/norms."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    if config.method != "linear":
+        decay += [prompts.visual, prompts.kv]
+    decay.append(prompts.head.weight)
+    no_decay.append(prompts.head.bias)
+    if config.method == "full":
+        for name, p in model.vit.named_parameters():
+            if p.requires_grad and not name.startswith("head."):
+                (
+                    decay if p.ndim >= 2 and "pos_embed" not in name and "token" not in name else no_decay
+                ).append(p)
+    groups = [
+        {"params": [p for p in decay if p.numel()], "weight_decay": config.weight_decay},
+        {"params": [p for p in no_decay if p.numel()], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers)
+
+
+def evaluate(
+    model: PromptedViT, prompts: TaskPrompts, ds: Dataset, batch_size: int = 256, num_workers: int = 0
+) -> tuple[float, float]:
+    """(accuracy in %, mean cross-entropy) of one task on a dataset."""
+    was_training = prompts.training
+    model.eval()
+    prompts.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    device = prompts.visual.device
+    with torch.no_grad():
+        for x, y in loader(ds, batch_size, shuffle=False, num_workers=num_workers):
+            x, y = x.to(device), y.to(device)
+            logits = model.forward_task(x, prompts)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    prompts.train(was_training)
+    if not total:
+        raise InvalidDataset("cannot evaluate on an empty dataset")
+    return 100.0 * correct / total, loss_sum / total
+
+
+def _state(prompts: TaskPrompts, model: PromptedViT, method: str) -> dict[str, Tensor]:
+    state = {f"prompts.{k}": v.detach().clone() for k, v in prompts.state_dict().items()}
+    if method == "full":
+        state |= {f"vit.{k}": v.detach().clone() for k, v in model.vit.state_dict().items()}
+    return state
+
+
+def _load_state(prompts: TaskPrompts, model: PromptedViT, state: dict[str, Tensor]) -> None:
+    prompts.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("prompts.")})
+    vit = {k[4:]: v for k, v in state.items() if k.startswith("vit.")}
+    if vit:
+        model.vit.load_state_dict(vit)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ training
+def train(
+    backbone: Backbone,
+    splits: DataSplits,
+    config: TrainConfig,
+    init: PromptSet,
+    *,
+    token_mask: Tensor | None = None,
+    segment_mask: Tensor | None = None,
+    train_set: Dataset | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    desc: str = "train",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train one task from the values in `init` (masks fixed where given) and select on val.
+
+    `checkpoint`: written after every epoch (atomic); with `resume=True` an existing one is continued.
+    `stop_after`: return after that many epochs of this call (a time-limited job; resume later).
+    """
+    device = backbone.device
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    prompts = TaskPrompts.from_prompt_set(init, prompt_dropout=config.prompt_dropout).to(device)
+    with torch.no_grad():
+        if token_mask is not None:
+            prompts.token_mask.copy_(token_mask)
+        if segment_mask is not None:
+            prompts.segment_mask.copy_(segment_mask)
+    if config.method == "full":
+        vit = copy.deepcopy(backbone.model).requires_grad_(True)
+        model = PromptedViT(Backbone(vit, backbone.info))
+    else:
+        model = PromptedViT(backbone)
+    init_state = {k: v.detach().cpu().clone() for k, v in prompts.state_dict().items()}
+    optimizer = torch.optim.SGD(param_groups(prompts, model, config), lr=0.0, momentum=config.momentum)
+    data = train_set if train_set is not None else splits.train
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    if not steps_per_epoch:
+        raise InvalidDataset("the training split is empty")
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = steps_per_epoch * min(config.warmup_epochs, config.epochs - 1)
+    history: list[dict[str, float]] = []
+    best = {"epoch": -1, "acc": -1.0, "loss": math.inf, "state": _state(prompts, model, config.method)}
+    start_epoch, spent = 0, 0.0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and resume and ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        _load_state(prompts, model, saved["state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
+        init_state, spent = saved["init_state"], saved["seconds"]
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate((saved["py_rng"][0], tuple(saved["py_rng"][1]), saved["py_rng"][2]))
+        log.info("%s: resumed from %s at epoch %d", desc, ckpt, start_epoch + 1)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        if stop_after is not None and epoch - start_epoch >= stop_after:
+            break
+        model.train()
+        prompts.train()
+        batches = loader(data, config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch)
+        bar = tqdm(
+            batches, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress
+        )
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, config.lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = x.to(device), y.to(device)
+            logits = model.forward_task(x, prompts)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        if not math.isfinite(loss_sum):
+            log.warning("%s: loss diverged at epoch %d (lr %.3g)", desc, epoch + 1, config.lr)
+        val_acc, val_loss = evaluate(model, prompts, splits.val)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": 100.0 * correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+        }
+        history.append(row)
+        if val_acc > best["acc"]:
+            best = {
+                "epoch": epoch + 1,
+                "acc": val_acc,
+                "loss": val_loss,
+                "state": _state(prompts, model, config.method),
+            }
+        log.info(
+            "%s epoch %d/%d: train loss %.4f acc %.1f | val loss %.4f acc %.2f | lr %.4g",
+            desc, epoch + 1, config.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, lr,
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(row)
+        if ckpt is not None:
+            py = random.getstate()
+            _atomic_save(
+                {
+                    "epoch": epoch,
+                    "state": _state(prompts, model, config.method),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "init_state": init_state,
+                    "seconds": spent + time.perf_counter() - t0,
+                    "torch_rng": torch.get_rng_state(),
+                    "py_rng": [py[0], list(py[1]), py[2]],
+                    "config": config.to_dict(),
+                },
+                ckpt,
+            )
+    seconds = spent + time.perf_counter() - t0
+    if config.select == "best" and best["epoch"] > 0:
+        _load_state(prompts, model, best["state"])
+        best_epoch = best["epoch"]
+    else:
+        best_epoch = history[-1]["epoch"] if history else 0
+    model.eval()
+    prompts.eval()
+    val_acc, val_loss = evaluate(model, prompts, splits.val)
+    test_acc = evaluate(model, prompts, splits.test)[0] if splits.test is not None else None
+    return TrainResult(
+        prompts=prompts,
+        model=model,
+        config=config,
+        history=history,
+        best_epoch=int(best_epoch),
+        val_acc=val_acc,
+        val_loss=val_loss,
+        test_acc=test_acc,
+        tuned_params=tuned_param_count(prompts, model if config.method == "full" else None),
+        backbone_params=backbone_param_count(backbone),
+        train_seconds=seconds,
+        init_state=init_state,
+    )
+
+
+def grid_search(
+    backbone: Backbone,
+    splits: DataSplits,
+    config: TrainConfig,
+    task_id: str,
+    lrs: Sequence[float] = OFFICIAL_LRS,
+    wds: Sequence[float] = OFFICIAL_WDS,
+) -> tuple[TrainConfig, list[dict[str, float]]]:
+    """Train every base_lr x weight_decay on train, pick the best val accuracy (the paper's search).
+    Returns the chosen config and the table of all runs."""
+    table: list[dict[str, float]] = []
+    best: tuple[float, TrainConfig] | None = None
+    for lr in lrs:
+        for wd in wds:
+            cfg = replace(config, base_lr=lr, weight_decay=wd)
+            init = initial_prompt_set(task_id, backbone, splits.labels, cfg)
+            res = train(backbone, splits, cfg, init, desc=f"grid lr={lr:g} wd={wd:g}")
+            table.append(
+                {"base_lr": lr, "weight_decay": wd, "val_acc": res.val_acc, "val_loss": res.val_loss}
+            )
+            log.info("grid lr=%g wd=%g: val acc %.2f", lr, wd, res.val_acc)
+            if best is None or res.val_acc > best[0]:
+                best = (res.val_acc, cfg)
+    assert best is not None, "an empty grid"
+    return best[1], table
