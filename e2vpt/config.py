@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     store_namespace: str = "e2vpt"
     keep_versions: int = 10
     store_socket_timeout: float = 5.0  # seconds; Redis calls slower than this raise StoreUnavailable
+    store_health_check_seconds: int = 15  # idle Redis connections (pub/sub) are pinged this often
 
     # --- registry HTTP API and `e2vpt tasks` CLI (issue 4) -----------------------------------------
     registry_host: str = "127.0.0.1"

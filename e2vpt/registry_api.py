@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,12 +31,13 @@ from e2vpt.config import Settings, get_settings
 from e2vpt.errors import (
     BadRequest,
     E2VPTError,
+    InvalidTaskId,
     PromptSetTooLarge,
     Unauthorized,
     http_status,
 )
-from e2vpt.promptset import check_task_id
-from e2vpt.store import MAX_LIST_LIMIT, PromptStore
+from e2vpt.promptset import TASK_ID_RE, check_task_id
+from e2vpt.store import CURSOR_PATTERN, MAX_LIST_LIMIT, PromptStore
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +161,23 @@ _bearer = HTTPBearer(auto_error=False, description="the registry token")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _task_id(task_id: str) -> str:
+def _task_id(
+    task_id: Annotated[str, PathParam(pattern=TASK_ID_RE.pattern, max_length=128, description="the task id")],
+) -> str:
     return check_task_id(task_id)
 
 
 TaskId = Annotated[str, Depends(_task_id)]
+
+
+def _no_auth() -> None:
+    """Reads are open (registry_auth_reads is off)."""
+
+
 VersionQ = Annotated[int | None, Query(ge=1, description="a kept version (default: current)")]
-Cursor = Annotated[str, Query(max_length=256, description="the previous page's next_cursor")]
+Cursor = Annotated[
+    str, Query(pattern=CURSOR_PATTERN, description="'0' to start, then the previous page's next_cursor")
+]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)]
 
 
@@ -225,12 +237,9 @@ def create_app(
     def require_write(credentials: Credentials) -> None:
         check(credentials)
 
-    def require_read(credentials: Credentials) -> None:
-        if auth_reads:
-            check(credentials)
-
     Write = Depends(require_write)
-    Read = Depends(require_read)
+    # reads declare (and check) the bearer scheme only when they need it, so the schema says the truth
+    Read = Depends(require_write) if auth_reads else Depends(_no_auth)
 
     # ------------------------------------------------------------------ errors and metrics
     @app.exception_handler(E2VPTError)
@@ -246,6 +255,11 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        bad_id = next((e for e in exc.errors() if tuple(e["loc"]) == ("path", "task_id")), None)
+        if bad_id is not None:
+            return await on_error(
+                request, InvalidTaskId(f"invalid task id {bad_id.get('input')!r}: {bad_id['msg']}")
+            )
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return await on_error(request, BadRequest(problems))
 
@@ -295,12 +309,7 @@ def create_app(
         return {"task_id": task_id, "version": version, "summary": summary}
 
     @app.get("/tasks", dependencies=[Read], responses=_ERROR_RESPONSES, summary="List tasks (paginated)")
-    def list_tasks(
-        cursor: Annotated[
-            str, Query(max_length=256, description="from the previous page's next_cursor")
-        ] = "0",
-        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 100,
-    ) -> dict[str, Any]:
+    def list_tasks(cursor: Cursor = "0", limit: Limit = 100) -> dict[str, Any]:
         tasks, next_cursor = store.list_tasks(cursor=cursor, limit=limit)
         return {"tasks": tasks, "next_cursor": next_cursor}
 

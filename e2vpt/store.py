@@ -22,7 +22,6 @@ Scripts address per-task keys and the namespace's shared keys together: single-n
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -154,20 +153,26 @@ def _wrap_redis() -> Iterator[None]:
         raise
 
 
+# Listing cursors: "0" (or "") is the start; "~<task id>" continues after that task id ('~' never occurs
+# in a task id). Any cursor of this form is a valid position, even for a task id that no longer exists.
+CURSOR_PATTERN = r"^(0?|~[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
+
+
 def _encode_cursor(task_id: str) -> str:
-    return base64.urlsafe_b64encode(task_id.encode()).decode().rstrip("=")
+    return f"~{task_id}"
 
 
-def _decode_cursor(cursor: str | int) -> str | None:
-    """None = from the start. Cursors are opaque: the base64url of the last task id of the previous page."""
+def _decode_cursor(cursor: str | int | None) -> str | None:
+    """None = from the start; otherwise the task id after which the page starts."""
     if cursor in (0, "0", "", None):
         return None
+    text = str(cursor)
+    if not text.startswith("~"):
+        raise BadRequest(f"invalid cursor {cursor!r}: use '0' or a next_cursor from a listing")
     try:
-        text = str(cursor)
-        task_id = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-        return check_task_id(task_id)
-    except (ValueError, InvalidTaskId) as exc:  # binascii and unicode errors are ValueErrors
-        raise BadRequest(f"invalid cursor {cursor!r}") from exc
+        return check_task_id(text[1:])
+    except InvalidTaskId as exc:
+        raise BadRequest(f"invalid cursor {cursor!r}: use '0' or a next_cursor from a listing") from exc
 
 
 class Subscription:
@@ -274,7 +279,11 @@ class PromptStore:
         timeout = socket_timeout if socket_timeout is not None else settings.store_socket_timeout
         self.redis_url = redis_url
         self.client = redis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
+            redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=settings.store_health_check_seconds,  # a dead pub/sub peer is noticed
+            decode_responses=False,
         )
         self.prefix = f"{self.namespace}:{info.fingerprint}"
         self.events_channel = f"{self.prefix}:events"
