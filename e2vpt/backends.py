@@ -6,12 +6,16 @@ applies the per-task heads itself (`TaskBatch.logits`), so every backend gives t
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from e2vpt.backbone import Backbone
+from e2vpt.config import Settings
+from e2vpt.errors import BackendUnavailable
 from e2vpt.model import PromptedViT
 
 
@@ -39,3 +43,27 @@ class TorchBackend:
         self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
     ) -> Tensor:
         return self.model.forward_features(images, visual, kv, visual_valid, kv_valid)
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def onnx_cache_path(backbone: Backbone, settings: Settings) -> Path:
+    """Where `make_backend` keeps the graph it exports: one file per fingerprint and export options."""
+    s = settings
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.info.fingerprint)
+    max_p, max_t = s.onnx_limits
+    name = f"{key}-p{max_p}-t{max_t}-o{s.onnx_opset}-{s.onnx_exporter}"
+    return Path(s.onnx_cache_dir).expanduser() / f"{name}{'-fp16' if s.onnx_fp16 else ''}.onnx"
+
+
+def make_backend(kind: str, backbone: Backbone, settings: Settings) -> FeatureBackend:
+    """The backend the engine computes features with: "torch" or "onnxruntime" (imported lazily; see
+    `e2vpt.onnx_backend.create_backend`)."""
+    if kind == "torch":
+        return TorchBackend(backbone)
+    if kind == "onnxruntime":
+        from e2vpt.onnx_backend import create_backend
+
+        return create_backend(backbone, settings)
+    raise BackendUnavailable(f"unknown backend {kind!r}; expected one of {BACKENDS}")

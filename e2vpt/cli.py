@@ -8,7 +8,12 @@ import logging
 import sys
 
 # Modules that contribute subcommands: each defines `register(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ("e2vpt.registry_cli", "e2vpt.torchserve", "training.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "e2vpt.registry_cli",
+    "e2vpt.torchserve",
+    "training.cli",
+    "e2vpt.onnx_export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

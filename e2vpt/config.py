@@ -95,6 +95,32 @@ class Settings(BaseSettings):
     register_token: str | None = None
     register_timeout_s: float = 30.0
 
+    # --- ONNX export and the onnxruntime backend (issue 6) ---------------------------------------
+    # An exported graph to serve with; None: export once into onnx_cache_dir (keyed by fingerprint
+    # and options) on first use.
+    onnx_path: str | None = None
+    onnx_cache_dir: str = "~/.cache/e2vpt/onnx"
+    # onnxruntime execution providers in priority order; empty: TensorRT, CUDA when present, then CPU.
+    onnx_providers: list[str] = []
+    # Largest P and T the graph is exported, checked and (TensorRT) profiled for; larger sets are refused
+    # (422). None: the registry's limits (max_prompt_tokens / max_kv_tokens), so every valid set fits.
+    onnx_max_prompts: int | None = None
+    onnx_max_kv: int | None = None
+    onnx_opset: int = 18
+    # fp16 weights and compute inside the graph (inputs and the pooled output stay float32).
+    onnx_fp16: bool = False
+    # "dynamo" (torch.export, default) or "legacy" (TorchScript tracing).
+    onnx_exporter: str = "dynamo"
+    # onnxruntime intra-op threads (0: onnxruntime's default, one per core).
+    onnx_threads: int = 0
+
+    @property
+    def onnx_limits(self) -> tuple[int, int]:
+        """(max P, max T) of the exported graph, defaults resolved."""
+        p = self.onnx_max_prompts if self.onnx_max_prompts is not None else self.max_prompt_tokens
+        t = self.onnx_max_kv if self.onnx_max_kv is not None else self.max_kv_tokens
+        return p, t
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -129,6 +129,29 @@ class RegistrationFailed(E2VPTError):
     code = "registration_failed"
 
 
+class ExportError(E2VPTError):
+    """A backbone or an option the ONNX export cannot express (dynamic image size, no pooled output, an
+    unsupported opset or dtype), or an export whose graph fails its checks."""
+
+    http_status = 422
+    code = "export_error"
+
+
+class IncompatibleOnnxModel(E2VPTError):
+    """An .onnx file exported from another backbone (fingerprint) or not by this project. A deployment
+    error, never caused by a request: 500."""
+
+    http_status = 500
+    code = "incompatible_onnx_model"
+
+
+class BackendUnavailable(E2VPTError):
+    """An inference backend (or onnxruntime execution provider) that is unknown or not installed."""
+
+    http_status = 500
+    code = "backend_unavailable"
+
+
 def http_status(exc: BaseException) -> int:
     """HTTP status for any exception: typed errors carry theirs, everything else is a 500."""
     return exc.http_status if isinstance(exc, E2VPTError) else 500
