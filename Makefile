@@ -20,9 +20,6 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
-bench: setup
-	$(BIN)/python benchmarks/bench_model.py
-
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

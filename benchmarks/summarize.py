@@ -16,8 +16,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results"
-# The benchmark scripts the project knows about; a result missing for one of them is reported as missing.
-KNOWN = ("bench_model", "bench_registry", "bench_serving", "bench_onnx")
+# The benchmark scripts the project knows about and the prefix of the result files each writes by default;
+# a result missing for one of them is reported as missing.
+RESULT_PREFIX = {
+    "bench_model": "model_",
+    "bench_registry": "registry",
+    "bench_serving": "serving",
+    "bench_onnx": "onnx_",
+}
+KNOWN = tuple(RESULT_PREFIX)
 RUN_LOG = "_run_log.json"  # written by benchmarks/run_all.py: which scripts ran and their exit codes
 MAX_ROWS = 50
 
@@ -104,7 +111,7 @@ def summarize(results: Path) -> str:
         except (OSError, ValueError, AttributeError) as exc:
             out += ["", f"(could not read {RUN_LOG}: {exc})"]
     seen = {p.stem for p in files}
-    missing = [k for k in KNOWN if not any(s.startswith(k) for s in seen)]
+    missing = [k for k, prefix in RESULT_PREFIX.items() if not any(s.startswith(prefix) for s in seen)]
     if not files:
         out += ["", "No result files found. Run `make bench` (or a script in `benchmarks/`) first."]
     for path in files:

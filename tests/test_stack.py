@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from e2vpt.cli import build_parser
 from e2vpt.config import Settings, env_names
 from e2vpt.metrics import ServingMetrics
+from e2vpt.registry_api import RegistryMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -324,7 +325,9 @@ def test_entrypoints_are_the_repos_scripts_and_valid_commands() -> None:
     assert entry == ["deploy/serve-entrypoint.sh"] and script.is_file()
     assert os.access(script, os.X_OK), "the entrypoint script must be executable"
     commands = cli_commands(script.read_text())
-    assert [c[:2] for c in commands] == [["serve", "build-mar"], ["serve", "start"], ["serve", "stop"]]
+    names = [" ".join(c[:2]) for c in commands]
+    assert sorted(set(names)) == ["serve build-mar", "serve start", "serve stop"]
+    assert names.index("serve build-mar") < names.index("serve start")
     for argv in commands:
         assert_cli_parses(argv)
 
@@ -409,7 +412,7 @@ def test_grafana_provisioning_is_mounted_and_consistent() -> None:
 
 
 def test_dashboard_queries_use_only_real_metric_names() -> None:
-    exported = exported_metric_names([ServingMetrics().registry]) | {"up"}
+    exported = exported_metric_names([ServingMetrics().registry, RegistryMetrics().registry]) | {"up"}
     exprs = dashboard_exprs()
     assert len(exprs) >= 10
     used: set[str] = set()
@@ -417,11 +420,11 @@ def test_dashboard_queries_use_only_real_metric_names() -> None:
         names = promql_metric_names(expr)
         assert names, f"no metric in {expr!r}"
         unknown = names - exported
-        assert not unknown, f"{expr!r} uses {unknown}, not exported by e2vpt.metrics"
+        assert not unknown, f"{expr!r} uses {unknown}, not exported by e2vpt.metrics / registry_api"
         used |= names
     # The dashboard covers what the issue asks for: latency, throughput/errors, cache, batch composition.
     for needed in ("e2vpt_request_latency_seconds_bucket", "e2vpt_requests_total", "e2vpt_cache_hits_total",
-                   "e2vpt_batch_size_bucket", "e2vpt_tasks_per_batch_bucket"):  # fmt: skip
+                   "e2vpt_batch_size_bucket", "e2vpt_tasks_per_batch_bucket", "e2vpt_registry_changes_total"):  # fmt: skip
         assert needed in used, needed
 
 
@@ -483,23 +486,21 @@ def test_summarize_copies_numbers_and_reports_missing_and_broken(tmp_path: Path)
         sys.path.remove(str(ROOT / "benchmarks"))
     results = tmp_path / "results"
     results.mkdir()
-    (results / "bench_model.json").write_text(
+    (results / "model_cpu.json").write_text(
         json.dumps(
             {"device": "cpu", "rows": [{"batch": 8, "ms_p50": 12.3456789}, {"batch": 16, "ms_p50": 20.5}]}
         )
     )
-    (results / "bench_onnx.json").write_text("{not json")
+    (results / "onnx_cpu.json").write_text("{not json")
     assert summarize.main(["--results", str(results)]) == 0
     text = (results / "SUMMARY.md").read_text()
     assert "| 8 | 12.35 |" in text and "| 16 | 20.5 |" in text and "| device | cpu |" in text
-    assert "bench_onnx" in text and "unreadable" in text
+    assert "onnx_cpu" in text and "unreadable" in text
     missing = text.split("## Missing", 1)[1]
     assert "bench_registry" in missing and "bench_serving" in missing and "bench_model" not in missing
     # Nothing but what the files hold: every number in the tables comes from the input.
     numbers = set(
-        re.findall(
-            r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", text.split("## bench_model", 1)[1].split("\n## ", 1)[0]
-        )
+        re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", text.split("## model_cpu", 1)[1].split("\n## ", 1)[0])
     )
     assert numbers <= {"8", "16", "12.35", "20.5"}, numbers
     empty = tmp_path / "none"
@@ -632,7 +633,11 @@ def test_serve_entrypoint_runs_torchserve_until_sigterm(
         assert frontend.status_code == 200
         ts_pid = json.loads((tmp_path / "ts" / "state.json").read_text())["pid"]
         # A token-less ping is refused: the health check had to use TorchServe's key.
-        assert httpx.get(f"http://127.0.0.1:{ports['inference']}/ping", timeout=10).status_code in (400, 401, 403)
+        assert httpx.get(f"http://127.0.0.1:{ports['inference']}/ping", timeout=10).status_code in (
+            400,
+            401,
+            403,
+        )
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
