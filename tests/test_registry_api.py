@@ -18,6 +18,8 @@ from e2vpt.store import PromptStore
 from tests.conftest import RedisServer
 from tests.test_store import _bad_uploads, marked_set, marker_of, snapshot
 
+pytestmark = pytest.mark.integration  # real Redis
+
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 OCTET = {**AUTH, "Content-Type": "application/octet-stream"}

@@ -25,6 +25,8 @@ from e2vpt.registry_api import create_app
 from e2vpt.store import PromptStore
 from tests.test_store import marked_set
 
+pytestmark = pytest.mark.integration  # real Redis
+
 TOKEN = "fuzz-token"
 EXAMPLES = int(os.environ.get("E2VPT_FUZZ_EXAMPLES", "25"))
 

@@ -33,6 +33,8 @@ from e2vpt.promptset import PromptSet
 from e2vpt.store import PromptStore, StoreEvent
 from tests.conftest import RedisServer, tiny_backbone
 
+pytestmark = pytest.mark.integration  # real Redis
+
 
 def marked_set(info: BackboneInfo, task_id: str, marker: float, num_classes: int = 3) -> PromptSet:
     """A valid set whose every tensor value and whose metadata both encode `marker`."""
