@@ -661,3 +661,33 @@ def test_serve_entrypoint_runs_torchserve_until_sigterm(
 
                 stop_group(int(pid), timeout=10)
         log.close()
+
+
+def test_gen_config_attributes_comments_to_the_right_field(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_config", ROOT / "docs" / "gen_config.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    source = tmp_path / "fake_settings.py"
+    source.write_text(
+        "from pydantic_settings import BaseSettings, SettingsConfigDict\n\n\n"
+        "class FakeSettings(BaseSettings):\n"
+        "    model_config = SettingsConfigDict(env_prefix='E2VPT_')\n\n"
+        "    # --- first section ---\n"
+        "    alpha: int = 1  # inline about alpha\n"
+        "    beta: str = 'b'\n"
+        "    # above gamma\n"
+        "    gamma: float = 0.5\n"
+    )
+    spec = importlib.util.spec_from_file_location("fake_settings", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fake_settings"] = module
+    spec.loader.exec_module(module)
+    rows = {r["field"]: r for r in gen.field_docs(module.FakeSettings)}
+    assert rows["alpha"]["description"] == "inline about alpha"
+    assert rows["beta"]["description"] == ""
+    assert rows["gamma"]["description"] == "above gamma"
+    assert rows["gamma"]["env"] == "`E2VPT_GAMMA`" and rows["alpha"]["section"] == "first section"
