@@ -20,12 +20,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
-bench: setup
-	$(BIN)/python benchmarks/bench_model.py
-
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Every benchmark script in benchmarks/ (quick mode where offered), then benchmarks/results/SUMMARY.md.
+bench: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build runs .pytest_cache

@@ -1,7 +1,7 @@
 """Fidelity study: linear vs vpt-deep vs e2vpt vs pruned e2vpt on the generated mini-VTAB, on the offline
 upstream ViT (pretrained once by `training.upstream.ensure_upstream`).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/fidelity_study.py --quick --out runs/study-quick
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --quick --out runs/study-quick
     .venv/bin/python benchmarks/fidelity_study.py --out runs/study            # the full budget
 
 Writes results.json, results.md and results.png into --out.

@@ -128,6 +128,27 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def env_names(settings_cls: type[BaseSettings] = Settings) -> dict[str, str]:
+    """Every environment variable that sets a field, mapped to the field's name.
+
+    ``E2VPT_<FIELD>`` for every field, plus the names of a field's ``validation_alias`` (for example
+    ``REDIS_URL``). Used by the configuration reference (docs/gen_config.py) and the stack tests, so
+    docs and deployment files cannot name a variable the code does not read."""
+    prefix = str(settings_cls.model_config.get("env_prefix", ""))
+    names: dict[str, str] = {}
+    for field_name, info in settings_cls.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            for choice in alias.choices:
+                if isinstance(choice, str):
+                    names[choice.upper()] = field_name
+        elif isinstance(alias, str):
+            names[alias.upper()] = field_name
+        else:
+            names[f"{prefix}{field_name}".upper()] = field_name
+    return names
+
+
 def settings_with_defaults(defaults: dict[str, object]) -> Settings:
     """Settings whose defaults come from `defaults` (e.g. the engine config packed into a .mar), while
     environment variables (E2VPT_*) still override them."""

@@ -208,6 +208,8 @@ class TorchServe:
             response_timeout_s=s.ts_response_timeout_s,
             token_expiration_min=s.ts_token_expiration_min,
             initial_worker_port=free_port(),
+            grpc_inference_port=free_port(),
+            grpc_management_port=free_port(),
             max_request_size=s.ts_max_request_size,
             max_response_size=s.ts_max_request_size,
             job_queue_size=s.ts_job_queue_size,
@@ -236,7 +238,11 @@ class TorchServe:
             "TEMP": str(tmp),
             "PROMETHEUS_MULTIPROC_DIR": str(prom),
             "E2VPT_METRICS_PORT": str(self.worker_metrics_port),
-            "E2VPT_METRICS_BIND": self.bind if self.bind not in ("", "0.0.0.0") else "127.0.0.1",
+            # An explicit E2VPT_METRICS_BIND wins (in a container Prometheus scrapes from outside it);
+            # otherwise the worker metrics follow TorchServe's bind address, loopback for 0.0.0.0.
+            "E2VPT_METRICS_BIND": self.settings.metrics_bind
+            if "metrics_bind" in self.settings.model_fields_set
+            else (self.bind if self.bind not in ("", "0.0.0.0") else "127.0.0.1"),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),

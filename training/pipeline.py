@@ -157,7 +157,7 @@ DEMO_CONFIG = TrainConfig(
     epochs=4,
     warmup_epochs=1,
     batch_size=32,
-    base_lr=2.0,
+    base_lr=0.5,
     weight_decay=1e-4,
     progress=False,
 )

@@ -42,7 +42,7 @@ class StudyConfig:
     epochs: int = 10
     warmup_epochs: int = 2
     batch_size: int = 64
-    base_lr: float = 1.0
+    base_lr: float = 0.5
     weight_decay: float = 1e-4
     num_prompts: int = 10
     num_kv: int = 5
@@ -55,7 +55,7 @@ class StudyConfig:
 
     @classmethod
     def quick(cls) -> StudyConfig:
-        return cls(n_train=256, n_val=200, n_test=300, epochs=3, warmup_epochs=1, batch_size=32)
+        return cls(n_train=512, n_val=200, n_test=300, epochs=5, warmup_epochs=1, batch_size=32)
 
 
 def time_per_image(model: PromptedViT, ps: PromptSet, x: torch.Tensor, repeats: int = 5) -> float:
