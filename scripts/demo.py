@@ -53,7 +53,8 @@ def get_backbone(args: argparse.Namespace, cache: Path) -> Path:
     if args.backbone is None:
         from training.upstream import ensure_upstream
 
-        path = ensure_upstream(cache / "upstream.safetensors")
+        # A shorter upstream budget than the fidelity study's (72k images), so a first run stays in minutes.
+        path = ensure_upstream(cache / "upstream.safetensors", images_per_epoch=4000, epochs=4)
         print(f"    offline upstream ViT: {path} (pretrained once on a generated task, then reused)")
         return path
     path = cache / f"{args.backbone.replace('/', '_')}.safetensors"
