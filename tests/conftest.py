@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,13 @@ def redis_url() -> str:
 def namespace() -> str:
     """A fresh key namespace per test, so tests sharing one Redis never see each other's keys."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `cond` until it holds or `timeout` seconds pass; the final answer of `cond`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()

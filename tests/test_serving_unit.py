@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import RedisServer, tiny_backbone
+from conftest import RedisServer, tiny_backbone, wait_for
 from PIL import Image
 from prometheus_client import generate_latest
 from serving_helpers import image_bytes, offline_predict, png_header_bomb
@@ -266,15 +266,6 @@ def test_concurrent_cold_loads_fetch_once(backbone: Backbone, store: PromptStore
     assert results == [1] * 8 and calls == ["a"]
 
 
-def _wait_for(cond, timeout: float = 5.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 def test_events_update_and_delete(backbone: Backbone, store: PromptStore) -> None:
     store.register(make_set("a", backbone, seed=1))
     cache = PromptCache(store, version_check_ms=-1)  # events only
@@ -282,9 +273,9 @@ def test_events_update_and_delete(backbone: Backbone, store: PromptStore) -> Non
     try:
         assert cache.get("a").version == 1
         store.register(make_set("a", backbone, seed=2))
-        assert _wait_for(lambda: cache.resident().get("a") == 2)
+        assert wait_for(lambda: cache.resident().get("a") == 2)
         store.delete("a")
-        assert _wait_for(lambda: "a" not in cache.resident())
+        assert wait_for(lambda: "a" not in cache.resident())
         with pytest.raises(TaskNotFound):
             cache.get("a")
     finally:
@@ -325,12 +316,12 @@ def test_redis_outage_serves_cached_and_recovers(backbone: Backbone, tmp_path) -
         assert isinstance(eng.predict([RequestItem("cold", img)])[0], StoreUnavailable)
         assert eng.cache.stats.store_errors == errors
         server.start()
-        assert _wait_for(lambda: isinstance(eng.predict([RequestItem("cold", img)])[0], Result), 15)
+        assert wait_for(lambda: isinstance(eng.predict([RequestItem("cold", img)])[0], Result), 15)
         # the subscription came back too: an update reaches the cache without a version check
         eng.cache.version_check_s = -1
-        assert _wait_for(lambda: eng.cache._subscription is not None and eng.cache._subscription.alive, 5)
+        assert wait_for(lambda: eng.cache._subscription is not None and eng.cache._subscription.alive, 5)
         store.register(make_set("cached", backbone, seed=9))
-        assert _wait_for(lambda: eng.cache.resident().get("cached") == 2, 10)
+        assert wait_for(lambda: eng.cache.resident().get("cached") == 2, 10)
         eng.close()
     finally:
         server.stop()
@@ -383,10 +374,10 @@ def test_engine_started_while_redis_down_recovers(backbone: Backbone, tmp_path) 
         (res,) = eng.predict([RequestItem("a", image_bytes(1))])
         assert isinstance(res, StoreUnavailable)
         server.start()
-        assert _wait_for(lambda: isinstance(eng.predict([RequestItem("a", image_bytes(1))])[0], Result), 15)
-        assert _wait_for(lambda: eng.cache._subscription is not None, 10)
+        assert wait_for(lambda: isinstance(eng.predict([RequestItem("a", image_bytes(1))])[0], Result), 15)
+        assert wait_for(lambda: eng.cache._subscription is not None, 10)
         store.register(make_set("a", backbone, seed=3))
-        assert _wait_for(lambda: eng.cache.resident().get("a") == 2, 10)  # events only (no version check)
+        assert wait_for(lambda: eng.cache.resident().get("a") == 2, 10)  # events only (no version check)
         eng.close()
     finally:
         server.stop()

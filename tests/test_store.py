@@ -31,7 +31,7 @@ from e2vpt.errors import (
 )
 from e2vpt.promptset import PromptSet
 from e2vpt.store import PromptStore, StoreEvent
-from tests.conftest import RedisServer, tiny_backbone
+from tests.conftest import RedisServer, tiny_backbone, wait_for
 
 pytestmark = pytest.mark.integration  # real Redis
 
@@ -78,15 +78,6 @@ def contents(s: PromptStore) -> dict[bytes, object]:
         kind = s.client.type(k)
         out[k] = s.client.hgetall(k) if kind == b"hash" else s.client.zrange(k, 0, -1, withscores=True)
     return out
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # ---------------------------------------------------------------------- round trips
