@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from e2vpt.backbone import Backbone, load_backbone, read_checkpoint_spec
 from e2vpt.backends import FeatureBackend, make_backend
@@ -91,7 +92,7 @@ class MultiTaskEngine:
         self.device, self.dtype = backbone.device, backbone.dtype
         self.backend = backend or make_backend(self.settings.backend, backbone, self.settings)
         self.metrics = metrics or ServingMetrics(self.settings.metrics_top_tasks)
-        self.transform = eval_transform(self.info)
+        self._transforms: dict[str, Callable[[Image.Image], torch.Tensor]] = {}
         self.cache = PromptCache(
             store,
             device=self.device,
@@ -145,7 +146,7 @@ class MultiTaskEngine:
         t0 = time.perf_counter()
         default_k = top_k if top_k is not None else self.settings.top_k
         out: list[Result | E2VPTError | None] = [None] * len(items)
-        ready: list[tuple[int, str, torch.Tensor, int]] = []
+        ready: list[tuple[int, str, Image.Image, int]] = []
         for i, item in enumerate(items):
             if isinstance(item, E2VPTError):
                 out[i] = item
@@ -160,18 +161,17 @@ class MultiTaskEngine:
                     max_pixels=self.settings.max_image_pixels,
                     max_bytes=self.settings.max_image_bytes,
                 )
-                x = self.transform(img)
-                ready.append((i, task_id, x, k))
+                ready.append((i, task_id, img, k))
             except E2VPTError as exc:
                 out[i] = exc
         resolved = self.cache.get_many(t for _, t, _, _ in ready)
         good: list[tuple[int, str, torch.Tensor, int]] = []
-        for i, task_id, x, k in ready:
+        for i, task_id, img, k in ready:
             res = resolved[task_id]
             if isinstance(res, E2VPTError):
                 out[i] = res
-            else:
-                good.append((i, task_id, x, k))
+            else:  # each task's own preprocessing recipe: the pixels it was trained on
+                good.append((i, task_id, self.transform(res.prompts.recipe)(img), k))
         tasks: list[str] = list(dict.fromkeys(t for _, t, _, _ in good))
         if good:
             entries = [resolved[t] for t in tasks]
@@ -199,6 +199,12 @@ class MultiTaskEngine:
             self.metrics.observe_item(task_id, 200 if isinstance(res, Result) else http_status(res), elapsed)
             final.append(res)
         return final
+
+    def transform(self, recipe: str) -> Callable[[Image.Image], torch.Tensor]:
+        """The eval transform of a preprocessing recipe (built once per recipe)."""
+        if recipe not in self._transforms:
+            self._transforms[recipe] = eval_transform(self.info, recipe)
+        return self._transforms[recipe]
 
     @torch.inference_mode()
     def _forward(

@@ -1,4 +1,4 @@
-"""Image decoding and the backbone's eval transform: the one home for both (serving and evaluation).
+"""Image decoding and the preprocessing recipes: the one home for both (training, evaluation, serving).
 
 `decode_image` turns untrusted bytes into an RGB PIL image: JPEG, PNG, WebP, GIF, BMP, TIFF, grayscale,
 palette and alpha (composited on white), EXIF orientation applied. Oversized images (pixel limit, and
@@ -13,12 +13,12 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+import torchvision.transforms as T
 from PIL import Image, ImageOps, UnidentifiedImageError
-from timm.data import create_transform
 
 from e2vpt.backbone import BackboneInfo
 from e2vpt.config import get_settings
-from e2vpt.errors import ImageTooLarge, InvalidImage
+from e2vpt.errors import ImageTooLarge, InvalidImage, InvalidPromptSet
 
 # PIL's own bomb guard is process-global; we check our (configurable) limit from the header ourselves and
 # keep PIL's guard as a second line (it raises DecompressionBombError above 2x its limit).
@@ -74,18 +74,45 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def eval_transform(info: BackboneInfo) -> Callable[[Image.Image], torch.Tensor]:
-    """The backbone's eval transform: resize to img/crop_pct, center crop to img_size, normalise.
+# Preprocessing recipes (method.md section 7). A prompt set records the recipe it was trained with
+# (`config["recipe"]`), and serving applies that recipe's eval transform, so train and serve see the same pixels.
+RECIPES = ("vtab", "fgvc")
 
-    The same function for serving, evaluation and the offline reference, so all see identical pixels."""
-    return create_transform(
-        input_size=(info.in_chans, *info.img_size),
-        is_training=False,
-        interpolation=info.interpolation,
-        mean=info.mean,
-        std=info.std,
-        crop_pct=info.crop_pct,
-    )
+
+def _interpolation(name: str) -> T.InterpolationMode:
+    try:
+        return T.InterpolationMode(name)
+    except ValueError:
+        return T.InterpolationMode.BICUBIC
+
+
+def build_transform(
+    info: BackboneInfo, recipe: str = "vtab", *, train: bool = False
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The recipe's transform at the backbone's input size, normalised with its pretrained mean/std.
+
+    vtab: resize to the input size, no augmentation (train and eval alike).
+    fgvc: resize to 256/224 of the input size, then random crop + horizontal flip (train) or centre
+    crop (eval) to the input size (256 / 224 for a 224 backbone).
+    """
+    if recipe not in RECIPES:
+        raise InvalidPromptSet(f"unknown transform recipe {recipe!r}; expected one of {RECIPES}")
+    size = tuple(info.img_size)
+    interp = _interpolation(info.interpolation)
+    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    if recipe == "vtab":
+        return T.Compose([T.Resize(size, interpolation=interp), *norm])
+    resize = tuple(round(s * 256 / 224) for s in size)
+    if train:
+        return T.Compose(
+            [T.Resize(resize, interpolation=interp), T.RandomCrop(size), T.RandomHorizontalFlip(), *norm]
+        )
+    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *norm])
+
+
+def eval_transform(info: BackboneInfo, recipe: str = "vtab") -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform of a recipe: what evaluation, serving and the offline reference all use."""
+    return build_transform(info, recipe, train=False)
 
 
 def images_to_batch(

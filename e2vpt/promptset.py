@@ -37,6 +37,7 @@ from e2vpt.errors import (
     PromptSetTooLarge,
     UnsupportedFormatVersion,
 )
+from e2vpt.images import RECIPES
 
 FORMAT_VERSION = 1
 META_KEY = "e2vpt"
@@ -108,6 +109,11 @@ class PromptSet:
     @property
     def share_kv(self) -> bool:
         return int(self.kv.shape[1]) == 1
+
+    @property
+    def recipe(self) -> str:
+        """The preprocessing recipe the set was trained with (`e2vpt.images.RECIPES`); serving applies it."""
+        return str(self.config.get("recipe", "vtab"))
 
     @property
     def segment_layout(self) -> str:
@@ -350,6 +356,8 @@ class PromptSet:
                 raise InvalidPromptSet(f"metadata field {key!r} must be a string")
         if not isinstance(self.config, dict) or not isinstance(self.metrics, dict):
             raise InvalidPromptSet("metadata fields 'config' and 'metrics' must be objects")
+        if self.recipe not in RECIPES:
+            raise InvalidPromptSet(f"unknown preprocessing recipe {self.recipe!r}; expected one of {RECIPES}")
         if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
             raise InvalidPromptSet("labels must be a list of strings")
         floats = {

@@ -47,7 +47,7 @@ def offline_predict(
     backbone: Backbone, ps: PromptSet, data: bytes, top_k: int = 5
 ) -> list[tuple[str, float]]:
     """The offline model: one image, one task, alone in its batch (no cache, no server)."""
-    x = eval_transform(backbone.info)(decode_image(data))[None]
+    x = eval_transform(backbone.info, ps.recipe)(decode_image(data))[None]
     batch = TaskBatch.from_prompt_sets([ps.validate(backbone.info)])
     logits = PromptedViT(backbone).forward_multi(x, batch, torch.zeros(1, dtype=torch.long))[
         0, : ps.num_classes

@@ -305,3 +305,10 @@ def test_unknown_and_missing_tensor_keys(backbone: Backbone) -> None:
 def test_create_rejects_bad_task_id(backbone: Backbone) -> None:
     with pytest.raises(InvalidTaskId):
         PromptSet.create("no spaces", backbone.info, ["a"])
+
+
+def test_unknown_preprocessing_recipe_is_refused(backbone) -> None:  # noqa: ANN001
+    ps = PromptSet.create("t", backbone.info, ["a", "b"], config={"recipe": "imagenet"})
+    with pytest.raises(InvalidPromptSet, match="recipe"):
+        PromptSet.from_bytes(ps.to_bytes())
+    assert PromptSet.create("t", backbone.info, ["a"]).recipe == "vtab"

@@ -151,11 +151,12 @@ def test_mixed_batch_equals_offline_model(
         make_set("a", backbone, 3, 1),
         make_set("b", backbone, 7, 2, num_prompts=4),
         make_set("c", backbone, 2, 3),
+        make_set("d", backbone, 5, 4, config={"recipe": "fgvc"}),  # served with its own preprocessing
     ]
     for ps in sets:
         store.register(ps)
     by_id = {ps.task_id: ps for ps in sets}
-    tasks = ["a", "b", "c", "b", "a", "c", "a"]
+    tasks = ["a", "b", "c", "b", "a", "d", "c", "a", "d"]
     images = [image_bytes(10 + i, (40 + i, 36)) for i in range(len(tasks))]
     results = engine.predict([RequestItem(t, im) for t, im in zip(tasks, images, strict=True)], top_k=3)
     for t, im, res in zip(tasks, images, results, strict=True):

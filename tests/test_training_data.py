@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from e2vpt.errors import InvalidDataset
+from e2vpt.errors import InvalidDataset, InvalidPromptSet
 from training.data import (
     FileDataset,
     build_transform,
@@ -111,7 +111,7 @@ def test_transforms_follow_backbone_config(backbone) -> None:
     x = build_transform(info, "vtab")(flat)
     expected = (1.0 - torch.tensor(info.mean)) / torch.tensor(info.std)
     assert torch.allclose(x[:, 0, 0], expected, atol=1e-5)
-    with pytest.raises(InvalidDataset, match="unknown transform recipe"):
+    with pytest.raises(InvalidPromptSet, match="unknown transform recipe"):
         build_transform(info, "imagenet")
 
 

@@ -23,45 +23,16 @@ from torchvision import transforms as T
 
 from e2vpt.backbone import BackboneInfo
 from e2vpt.errors import InvalidDataset
+from e2vpt.images import RECIPES, build_transform  # noqa: F401  (re-exported: the one home is e2vpt.images)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-RECIPES = ("vtab", "fgvc")
 VTAB_LISTS = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
 Transform = Callable[[Image.Image], Tensor]
 
 
 # ---------------------------------------------------------------------------------------- transforms
-def _interpolation(name: str) -> T.InterpolationMode:
-    try:
-        return T.InterpolationMode(name)
-    except ValueError:
-        return T.InterpolationMode.BICUBIC
-
-
-def build_transform(info: BackboneInfo, recipe: str = "vtab", *, train: bool = False) -> Transform:
-    """The recipe's transform at the backbone's input size, normalised with its pretrained mean/std.
-
-    vtab: resize to the input size, no augmentation (train and eval alike).
-    fgvc: resize to 256/224 of the input size, then random crop + horizontal flip (train) or centre
-    crop (eval) to the input size (256 / 224 for a 224 backbone).
-    """
-    if recipe not in RECIPES:
-        raise InvalidDataset(f"unknown transform recipe {recipe!r}; expected one of {RECIPES}")
-    size = tuple(info.img_size)
-    interp = _interpolation(info.interpolation)
-    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    if recipe == "vtab":
-        return T.Compose([T.Resize(size, interpolation=interp), *norm])
-    resize = tuple(round(s * 256 / 224) for s in size)
-    if train:
-        return T.Compose(
-            [T.Resize(resize, interpolation=interp), T.RandomCrop(size), T.RandomHorizontalFlip(), *norm]
-        )
-    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *norm])
-
-
 # ---------------------------------------------------------------------------------------- datasets
 def load_image(path: Path) -> Image.Image:
     """An RGB image, or `InvalidDataset` naming the file."""
@@ -160,6 +131,7 @@ class DataSplits:
     test: Dataset | None
     labels: list[str]
     name: str = "task"
+    recipe: str = "vtab"  # the preprocessing recipe attached by `with_transforms` (recorded in prompt sets)
 
     @property
     def num_classes(self) -> int:
@@ -187,7 +159,7 @@ def with_transforms(
     if cache and recipe == "vtab":
         train, val = materialize(train), materialize(val)
         test = materialize(test) if test is not None else None
-    return DataSplits(train, val, test, splits.labels, splits.name)
+    return DataSplits(train, val, test, splits.labels, splits.name, recipe)
 
 
 # ---------------------------------------------------------------------------------------- image folders

@@ -67,6 +67,7 @@ def run_task(
         }
     report["config"] = config.to_dict()
     init = initial_prompt_set(task_id, backbone, splits.labels, config)
+    init.config["recipe"] = splits.recipe  # serving applies the same preprocessing
     result = train(
         backbone, splits, config, init, checkpoint=out / "checkpoint.pt", resume=resume, desc=config.method
     )
