@@ -15,9 +15,11 @@ echo "[serve-entrypoint] building the model archive"
 
 # Installed before the start: a SIGTERM during start-up stops TorchServe once `serve start` returns.
 pid="?"
+tail_pid=""
 stop() {
     echo "[serve-entrypoint] stopping TorchServe (pid $pid)"
     "$PYTHON" -m e2vpt.cli serve stop || true
+    if [ -n "$tail_pid" ]; then kill "$tail_pid" 2>/dev/null || true; fi
     exit 0
 }
 trap stop TERM INT
