@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from e2vpt.config import Settings
 from e2vpt.errors import UnsupportedBackbone
 
 log = logging.getLogger(__name__)
@@ -236,4 +237,15 @@ def describe(model: VisionTransformer, name: str, model_kwargs: dict[str, Any] |
         interpolation=str(cfg.get("interpolation", "bicubic")),
         crop_pct=float(cfg.get("crop_pct", 0.9)),
         model_kwargs=dict(model_kwargs or {}),
+    )
+
+
+def backbone_from_settings(settings: Settings, *, dtype: torch.dtype = torch.float32) -> Backbone:
+    """The backbone the settings name: `backbone_checkpoint` (a checkpoint saved by this project names its
+    own model; other weight files need `backbone`), else `backbone` (`backbone_pretrained`: hub weights).
+    Every server (registry, engine) builds it here, so all agree on the fingerprint."""
+    ckpt = settings.backbone_checkpoint
+    name = None if ckpt and read_checkpoint_spec(ckpt) is not None else settings.backbone
+    return load_backbone(
+        name, checkpoint=ckpt, pretrained=settings.backbone_pretrained, device=settings.device, dtype=dtype
     )

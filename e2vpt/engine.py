@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from e2vpt.backbone import Backbone, load_backbone, read_checkpoint_spec
+from e2vpt.backbone import Backbone, backbone_from_settings
 from e2vpt.backends import FeatureBackend, make_backend
 from e2vpt.cache import CachedPrompts, PromptCache
 from e2vpt.config import Settings, get_settings
@@ -112,23 +112,8 @@ class MultiTaskEngine:
     def from_settings(cls, settings: Settings | None = None, *, start: bool = True) -> MultiTaskEngine:
         """Backbone (name / checkpoint, device, dtype), store, backend and cache, all from Settings."""
         settings = settings or get_settings()
-        ckpt = settings.backbone_checkpoint
-        # a checkpoint saved by this project names its own model; other weight files need the settings' name
-        name = None if ckpt and read_checkpoint_spec(ckpt) is not None else settings.backbone
-        backbone = load_backbone(
-            name,
-            checkpoint=settings.backbone_checkpoint,
-            pretrained=settings.backbone_pretrained,
-            device=settings.device,
-            dtype=serving_dtype(settings),
-        )
-        store = PromptStore(
-            settings.redis_url,
-            backbone.info,
-            namespace=settings.store_namespace,
-            keep_versions=settings.keep_versions,
-            socket_timeout=settings.store_socket_timeout,
-        )
+        backbone = backbone_from_settings(settings, dtype=serving_dtype(settings))
+        store = PromptStore.from_settings(backbone.info, settings)
         return cls(backbone, store, settings, start=start)
 
     def close(self) -> None:

@@ -197,20 +197,9 @@ def create_app(
         settings = settings or get_settings()
     else:
         settings = source or settings or get_settings()
-        from e2vpt.backbone import load_backbone
+        from e2vpt.backbone import backbone_from_settings
 
-        backbone = load_backbone(
-            settings.backbone,
-            checkpoint=settings.backbone_checkpoint,
-            pretrained=settings.backbone_pretrained,
-        )
-        store = PromptStore(
-            settings.redis_url,
-            backbone.info,
-            namespace=settings.store_namespace,
-            keep_versions=settings.keep_versions,
-            socket_timeout=settings.store_socket_timeout,
-        )
+        store = PromptStore.from_settings(backbone_from_settings(settings).info, settings)
     write_token = token if token is not None else read_token(settings)
     auth_reads = settings.registry_auth_reads
     max_bytes = settings.max_prompt_set_bytes

@@ -37,7 +37,7 @@ import redis
 import redis.exceptions as rexc
 
 from e2vpt.backbone import BackboneInfo
-from e2vpt.config import get_settings
+from e2vpt.config import Settings, get_settings
 from e2vpt.errors import (
     BadRequest,
     InvalidTaskId,
@@ -260,6 +260,18 @@ class Subscription:
 
 class PromptStore:
     """Versioned prompt sets of one backbone in Redis. Every method raises typed errors only."""
+
+    @classmethod
+    def from_settings(cls, info: BackboneInfo, settings: Settings | None = None) -> PromptStore:
+        """The store the settings name (Redis URL, namespace, kept versions, timeouts) for `info`."""
+        s = settings or get_settings()
+        return cls(
+            s.redis_url,
+            info,
+            namespace=s.store_namespace,
+            keep_versions=s.keep_versions,
+            socket_timeout=s.store_socket_timeout,
+        )
 
     def __init__(
         self,

@@ -212,3 +212,16 @@ def test_unsupported_backbones(name: str, kwargs: dict[str, object]) -> None:
     with pytest.raises(UnsupportedBackbone) as caught:
         load_backbone(name, **kwargs)
     assert caught.value.http_status == 422
+
+
+def test_backbone_from_settings_agrees_with_the_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    """Registry and engine build their backbone from settings: a project checkpoint names its own model,
+    whatever `backbone` says, so both compute the checkpoint's fingerprint."""
+    from e2vpt.backbone import backbone_from_settings
+    from e2vpt.config import Settings
+
+    src = tiny_backbone("vit_small_patch16_224")
+    path = save_checkpoint(src.model, src.info.name, src.info.model_kwargs, tmp_path / "b.safetensors")
+    built = backbone_from_settings(Settings(backbone="vit_tiny_patch16_224", backbone_checkpoint=str(path)))
+    assert built.info.fingerprint == src.info.fingerprint
+    assert built.info.name == "vit_small_patch16_224"
