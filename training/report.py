@@ -35,6 +35,16 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write (PNG, parent folders created) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(histories: dict[str, list[dict[str, float]]], path: str | Path) -> Path:
     """Loss and accuracy per epoch (train and val) for each named phase (train, rewind, ...)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -51,12 +61,7 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: str | Path) 
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_importance(
@@ -78,9 +83,4 @@ def plot_importance(
                 )
     ax_s.set(xlabel="segment", ylabel="prompt token", title="segment importance (hatched = pruned)")
     fig.colorbar(im, ax=ax_s)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -25,7 +25,10 @@ from e2vpt.promptset import PromptSet  # noqa: E402
 from training.data import with_transforms  # noqa: E402
 from training.minivtab import TASK_GROUPS, TASKS, mini_vtab  # noqa: E402
 from training.pruning import PruneConfig, prune_and_rewind  # noqa: E402
-from training.report import write_json  # noqa: E402
+from training.report import (
+    save_figure,  # noqa: E402
+    write_json,  # noqa: E402
+)
 from training.trainer import TrainConfig, initial_prompt_set, train  # noqa: E402
 from training.upstream import load_upstream  # noqa: E402
 
@@ -215,9 +218,7 @@ def _plot(rows, summary, tasks, path: Path) -> None:
         ax2.scatter(summary[m]["mean_tuned_percent"], summary[m]["mean_test_acc"], label=m, s=50)
     ax2.set(xlabel="tuned params (% of backbone)", ylabel="mean test accuracy (%)", title="accuracy vs size")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
