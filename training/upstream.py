@@ -46,7 +46,19 @@ UPSTREAM_KWARGS: dict[str, Any] = {
 }
 
 
-def upstream_sample(rng: np.random.Generator) -> tuple[np.ndarray, int]:
+UPSTREAM_TASKS = ("shape", "shape-colour")
+
+
+def num_upstream_classes(task: str) -> int:
+    if task not in UPSTREAM_TASKS:
+        raise ValueError(f"unknown upstream task {task!r}; expected one of {UPSTREAM_TASKS}")
+    return len(SHAPES) * (len(COLOR_FAMILIES) if task == "shape-colour" else 1)
+
+
+def upstream_sample(rng: np.random.Generator, task: str = "shape-colour") -> tuple[np.ndarray, int]:
+    """One upstream image and its label. `shape-colour`: 6 shapes x 3 colour families of the main object
+    (colour is an easy shortcut a small ViT learns first); `shape`: the main object's shape only, its
+    colour random (a nuisance), so the features must encode geometry."""
     canvas = background(rng)
     shape, family = int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOR_FAMILIES)))
     for _ in range(int(rng.integers(3))):
@@ -55,17 +67,20 @@ def upstream_sample(rng: np.random.Generator) -> tuple[np.ndarray, int]:
         paint(canvas, shape_mask(d, cx, cy, rng.uniform(1.8, 3.0), rng.uniform(0, 6.3)), random_color(rng))
     cx, cy = rng.uniform(7, SIZE - 7, 2)
     m = shape_mask(SHAPES[shape], cx, cy, rng.uniform(4.5, 7.5), rng.uniform(0, 6.3))
+    if task == "shape":
+        paint(canvas, m, random_color(rng))
+        return finish(canvas), shape
     paint(canvas, m, random_color(rng, family))
     return finish(canvas), shape * len(COLOR_FAMILIES) + family
 
 
-def upstream_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def upstream_batch(n: int, seed: int, task: str = "shape-colour") -> tuple[torch.Tensor, torch.Tensor]:
     """n images normalised with mean/std 0.5 (timm's default for this model) and labels."""
     rng = np.random.default_rng([seed, 12345])
     xs = np.empty((n, SIZE, SIZE, 3), np.uint8)
     ys = np.empty(n, np.int64)
     for i in range(n):
-        xs[i], ys[i] = upstream_sample(rng)
+        xs[i], ys[i] = upstream_sample(rng, task)
     x = torch.from_numpy(xs).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     return x, torch.from_numpy(ys)
 
@@ -79,6 +94,9 @@ def pretrain_upstream(
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     seed: int = 0,
+    task: str = "shape-colour",
+    model_kwargs: dict[str, Any] | None = None,
+    label_smoothing: float = 0.1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain the upstream ViT (AdamW, warm-up + cosine, fresh generated images each epoch), save it,
@@ -86,14 +104,15 @@ def pretrain_upstream(
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    model = timm.create_model(UPSTREAM_NAME, **UPSTREAM_KWARGS)
+    kwargs = {**UPSTREAM_KWARGS, **(model_kwargs or {}), "num_classes": num_upstream_classes(task)}
+    model = timm.create_model(UPSTREAM_NAME, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(images_per_epoch / batch_size)
     total, warm = steps_per_epoch * epochs, steps_per_epoch // 2
-    val_x, val_y = upstream_batch(2000, seed + 10_000)
+    val_x, val_y = upstream_batch(2000, seed + 10_000, task)
     t0, step, hist = time.perf_counter(), 0, []
     for epoch in range(epochs):
-        x_all, y_all = upstream_batch(images_per_epoch, seed * 1000 + epoch)
+        x_all, y_all = upstream_batch(images_per_epoch, seed * 1000 + epoch, task)
         perm = torch.randperm(len(x_all))
         model.train()
         bar = tqdm(
@@ -109,7 +128,7 @@ def pretrain_upstream(
             )
             for g in opt.param_groups:
                 g["lr"] = cur
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(x_all[idx]), y_all[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -133,11 +152,14 @@ def pretrain_upstream(
         )
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.safetensors")
-    save_checkpoint(model, UPSTREAM_NAME, UPSTREAM_KWARGS, tmp)
+    save_checkpoint(model, UPSTREAM_NAME, kwargs, tmp)
     tmp.replace(path)
     metrics = {
         "name": UPSTREAM_NAME,
-        "model_kwargs": UPSTREAM_KWARGS,
+        "model_kwargs": kwargs,
+        "task": task,
+        "lr": lr,
+        "label_smoothing": label_smoothing,
         "params": sum(p.numel() for p in model.parameters()),
         "images_seen": images_per_epoch * epochs,
         "seconds": time.perf_counter() - t0,
