@@ -63,13 +63,15 @@ def num_upstream_classes(task: str) -> int:
     return len(SHAPES) * (len(COLOR_FAMILIES) if task == "shape-colour" else 1)
 
 
-def upstream_sample(rng: np.random.Generator, task: str = "shape") -> tuple[np.ndarray, int]:
+def upstream_sample(
+    rng: np.random.Generator, task: str = "shape", max_distractors: int = 2
+) -> tuple[np.ndarray, int]:
     """One upstream image and its label. `shape-colour`: 6 shapes x 3 colour families of the main object
     (colour is an easy shortcut a small ViT learns first); `shape`: the main object's shape only, its
     colour random (a nuisance), so the features must encode geometry."""
     canvas = background(rng)
     shape, family = int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOR_FAMILIES)))
-    for _ in range(int(rng.integers(3))):
+    for _ in range(int(rng.integers(max_distractors + 1))):
         cx, cy = rng.uniform(2, SIZE - 2, 2)
         d = SHAPES[rng.integers(len(SHAPES))]
         paint(canvas, shape_mask(d, cx, cy, rng.uniform(1.8, 3.0), rng.uniform(0, 6.3)), random_color(rng))
@@ -82,13 +84,15 @@ def upstream_sample(rng: np.random.Generator, task: str = "shape") -> tuple[np.n
     return finish(canvas), shape * len(COLOR_FAMILIES) + family
 
 
-def upstream_batch(n: int, seed: int, task: str = "shape") -> tuple[torch.Tensor, torch.Tensor]:
+def upstream_batch(
+    n: int, seed: int, task: str = "shape", max_distractors: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n images normalised with mean/std 0.5 (timm's default for this model) and labels."""
     rng = np.random.default_rng([seed, 12345])
     xs = np.empty((n, SIZE, SIZE, 3), np.uint8)
     ys = np.empty(n, np.int64)
     for i in range(n):
-        xs[i], ys[i] = upstream_sample(rng, task)
+        xs[i], ys[i] = upstream_sample(rng, task, max_distractors)
     x = torch.from_numpy(xs).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     return x, torch.from_numpy(ys)
 
@@ -105,6 +109,7 @@ def pretrain_upstream(
     task: str = "shape",
     model_kwargs: dict[str, Any] | None = None,
     label_smoothing: float = 0.0,
+    max_distractors: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain the upstream ViT (AdamW, warm-up + cosine, fresh generated images each epoch), save it,
@@ -117,10 +122,10 @@ def pretrain_upstream(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(images_per_epoch / batch_size)
     total, warm = steps_per_epoch * epochs, steps_per_epoch // 2
-    val_x, val_y = upstream_batch(2000, seed + 10_000, task)
+    val_x, val_y = upstream_batch(2000, seed + 10_000, task, max_distractors)
     t0, step, hist = time.perf_counter(), 0, []
     for epoch in range(epochs):
-        x_all, y_all = upstream_batch(images_per_epoch, seed * 1000 + epoch, task)
+        x_all, y_all = upstream_batch(images_per_epoch, seed * 1000 + epoch, task, max_distractors)
         perm = torch.randperm(len(x_all))
         model.train()
         bar = tqdm(
@@ -168,6 +173,7 @@ def pretrain_upstream(
         "task": task,
         "lr": lr,
         "label_smoothing": label_smoothing,
+        "max_distractors": max_distractors,
         "params": sum(p.numel() for p in model.parameters()),
         "images_seen": images_per_epoch * epochs,
         "seconds": time.perf_counter() - t0,
