@@ -51,10 +51,11 @@ def png_bytes(image: np.ndarray) -> bytes:
 def get_backbone(args: argparse.Namespace, cache: Path) -> Path:
     """A backbone checkpoint with its build spec: the offline upstream ViT, or a named timm model."""
     if args.backbone is None:
-        from training.upstream import ensure_upstream
+        from training.upstream import DEMO_PRETRAIN, ensure_upstream
 
         # A shorter upstream budget than the fidelity study's (72k images), so a first run stays in minutes.
-        path = ensure_upstream(cache / "upstream.safetensors", images_per_epoch=4000, epochs=4)
+        # (The file name changed with the upstream's architecture and task: an old cache is not reused.)
+        path = ensure_upstream(cache / "upstream_shape_p4.safetensors", **DEMO_PRETRAIN)
         print(f"    offline upstream ViT: {path} (pretrained once on a generated task, then reused)")
         return path
     path = cache / f"{args.backbone.replace('/', '_')}.safetensors"

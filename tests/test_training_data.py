@@ -129,3 +129,16 @@ def test_mini_vtab_deterministic_and_sized(backbone) -> None:
     assert splits.train[0][0].shape == (3, 32, 32)
     with pytest.raises(InvalidDataset, match="unknown mini-VTAB task"):
         mini_vtab("imagenet")
+
+
+def test_upstream_shape_task_labels_and_sizes() -> None:
+    """The default upstream task is shape only (6 classes); the old shape x colour task has 18."""
+    from training.upstream import num_upstream_classes, upstream_batch
+
+    x, y = upstream_batch(64, seed=3)
+    assert x.shape == (64, 3, 32, 32) and int(y.min()) >= 0 and int(y.max()) < num_upstream_classes("shape")
+    assert num_upstream_classes("shape") == 6 and num_upstream_classes("shape-colour") == 18
+    _, y2 = upstream_batch(64, seed=3, task="shape-colour")
+    assert int(y2.max()) < 18 and int(y2[0]) // 3 == int(y[0])  # first image: same draws, same shape
+    with pytest.raises(ValueError, match="upstream task"):
+        num_upstream_classes("colour")

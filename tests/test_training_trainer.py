@@ -128,3 +128,15 @@ def test_grid_search_picks_best_val(backbone, splits) -> None:
     assert len(table) == 2
     best = max(table, key=lambda r: r["val_acc"])
     assert chosen.base_lr == best["base_lr"] and chosen.weight_decay == best["weight_decay"]
+
+
+def test_adamw_option_trains_and_is_recorded(backbone, splits) -> None:
+    """The explicit `optimizer="adamw"` deviation (the demo's recipe): it trains, and the run says so."""
+    cfg = replace(BASE, method="e2vpt", optimizer="adamw", base_lr=0.25, weight_decay=0.01)
+    res = train(backbone, splits, cfg, initial_prompt_set("t", backbone, splits.labels, cfg))
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert res.config.to_dict()["optimizer"] == "adamw"
+    assert TrainConfig().optimizer == "sgd"  # the official recipe stays the default
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
