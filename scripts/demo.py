@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tasks", default="digits,count,orientation", help="mini-VTAB tasks served from the start"
     )
-    p.add_argument("--late-task", default="textures", help="task registered while the server runs")
+    p.add_argument("--late-task", default="count", help="task registered while the server runs")
     p.add_argument("--backbone", help="a timm model name instead of the offline upstream ViT")
     p.add_argument("--pretrained", action="store_true", help="with --backbone: timm hub weights")
     p.add_argument("--requests-per-task", type=int, default=100)
