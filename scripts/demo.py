@@ -205,7 +205,7 @@ def show_metrics(ts: TorchServe, task_ids: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--tasks", default="digits,count,orientation", help="mini-VTAB tasks served from the start"
+        "--tasks", default="digits,orientation,textures", help="mini-VTAB tasks served from the start"
     )
     p.add_argument("--late-task", default="count", help="task registered while the server runs")
     p.add_argument("--backbone", help="a timm model name instead of the offline upstream ViT")
