@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from e2vpt.backbone import load_backbone, save_checkpoint  # noqa: E402
+from e2vpt.errors import RegistryRequestError  # noqa: E402
 from e2vpt.localredis import ensure_redis, free_port  # noqa: E402
 from e2vpt.promptset import PromptSet  # noqa: E402
 from e2vpt.registry_cli import RegistryClient  # noqa: E402
@@ -254,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_running:
             stack.callback(registry.terminate)
         client = RegistryClient(f"http://127.0.0.1:{reg_port}", token)
+        late_id = f"mini-{args.late_task}"
+        try:  # a re-run: the late task must really be new when it is registered in step 8
+            client.delete(late_id)
+            print(f"    DELETE /tasks/{late_id} (left from an earlier run)")
+        except RegistryRequestError as exc:
+            if exc.http_status != 404:
+                raise
         for task, path in files.items():
             out = client.register(path.read_bytes(), f"mini-{task}")
             print(f"    PUT /tasks/mini-{task} -> version {out['version']}")
@@ -284,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
         late = train_tasks([args.late_task], ckpt, args.cache)[args.late_task]
         out = client.register(late.read_bytes(), f"mini-{args.late_task}")
         print(f"    PUT /tasks/mini-{args.late_task} -> version {out['version']}")
-        late_id = f"mini-{args.late_task}"
         labels[late_id] = PromptSet.load(late).labels
         run_traffic(
             ts, {late_id: test_items(args.late_task, args.requests_per_task)}, labels, args.concurrency
