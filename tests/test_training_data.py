@@ -142,3 +142,13 @@ def test_upstream_shape_task_labels_and_sizes() -> None:
     assert int(y2.max()) < 18 and int(y2[0]) // 3 == int(y[0])  # first image: same draws, same shape
     with pytest.raises(ValueError, match="upstream task"):
         num_upstream_classes("colour")
+
+
+def test_digits_test_split_is_capped_to_the_pool() -> None:
+    from training.minivtab import DIGITS_IMAGES, VAL, max_test_images
+    from training.minivtab import TRAIN as N_TRAIN
+
+    assert max_test_images("digits", 1000) == DIGITS_IMAGES - N_TRAIN - VAL
+    assert max_test_images("count", 1000) == 1000
+    with pytest.raises(InvalidDataset, match="digits has"):
+        mini_vtab("digits", n_test=1000)

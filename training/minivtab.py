@@ -191,6 +191,14 @@ LABELS = {
 }
 
 
+DIGITS_IMAGES = 1797  # scikit-learn's handwritten digits
+
+
+def max_test_images(task: str, requested: int) -> int:
+    """`requested`, capped where a task has a fixed pool of images (digits: what train + val leave)."""
+    return min(requested, DIGITS_IMAGES - TRAIN - VAL) if task == "digits" else requested
+
+
 def _digits(seed: int, sizes: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
     from sklearn.datasets import load_digits

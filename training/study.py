@@ -23,7 +23,7 @@ from e2vpt.backbone import Backbone  # noqa: E402
 from e2vpt.model import PromptedViT, TaskBatch  # noqa: E402
 from e2vpt.promptset import PromptSet  # noqa: E402
 from training.data import with_transforms  # noqa: E402
-from training.minivtab import TASK_GROUPS, TASKS, mini_vtab  # noqa: E402
+from training.minivtab import TASK_GROUPS, TASKS, max_test_images, mini_vtab  # noqa: E402
 from training.pruning import PruneConfig, prune_and_rewind  # noqa: E402
 from training.report import (
     save_figure,  # noqa: E402
@@ -96,7 +96,13 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
     t_start = time.perf_counter()
     for task in cfg.tasks:
         splits = with_transforms(
-            mini_vtab(task, seed=cfg.data_seed, n_test=cfg.n_test, n_train=cfg.n_train, n_val=cfg.n_val),
+            mini_vtab(
+                task,
+                seed=cfg.data_seed,
+                n_test=max_test_images(task, cfg.n_test),
+                n_train=cfg.n_train,
+                n_val=cfg.n_val,
+            ),
             backbone.info,
         )
         x_time = torch.stack([splits.val[i][0] for i in range(min(64, len(splits.val)))])
