@@ -165,51 +165,45 @@ def example_inputs(
     return tuple(t.to(device) for t in (images, visual, kv, visual_valid, kv_valid))  # type: ignore[return-value]
 
 
+# The graph inputs' dynamic axes, by name: one table for both exporters.
+DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "images": {0: "batch"},
+    "visual": {0: "batch", 2: "num_prompts"},
+    "kv": {0: "batch", 4: "num_kv"},
+    "visual_valid": {0: "batch", 1: "num_prompts"},
+    "kv_valid": {0: "batch", 1: "num_kv"},
+}
+
+
 def _export_graph(
     graph: FeatureGraph, args: tuple[Tensor, ...], path: Path, opset: int, exporter: str
 ) -> None:
+    common = {
+        "input_names": list(INPUT_NAMES),
+        "output_names": [OUTPUT_NAME],
+        "opset_version": opset,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter; failures still raise
         if exporter == "legacy":
-            axes = {
-                "images": {0: "batch"},
-                "visual": {0: "batch", 2: "num_prompts"},
-                "kv": {0: "batch", 4: "num_kv"},
-                "visual_valid": {0: "batch", 1: "num_prompts"},
-                "kv_valid": {0: "batch", 1: "num_kv"},
-                OUTPUT_NAME: {0: "batch"},
-            }
-            torch.onnx.export(
-                graph,
-                args,
-                str(path),
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamic_axes=axes,
-                dynamo=False,
-            )
+            axes = {**DYNAMIC_AXES, OUTPUT_NAME: {0: "batch"}}
+            torch.onnx.export(graph, args, str(path), dynamic_axes=axes, dynamo=False, **common)
             return
-        Dim = torch.export.Dim
-        b, p, t = Dim("batch", min=1), Dim("num_prompts", min=0), Dim("num_kv", min=0)
-        shapes = {
-            "images": {0: b},
-            "visual": {0: b, 2: p},
-            "kv": {0: b, 4: t},
-            "visual_valid": {0: b, 1: p},
-            "kv_valid": {0: b, 1: t},
+        dims = {
+            "batch": torch.export.Dim("batch", min=1),
+            "num_prompts": torch.export.Dim("num_prompts", min=0),
+            "num_kv": torch.export.Dim("num_kv", min=0),
         }
+        shapes = {name: {i: dims[d] for i, d in axes.items()} for name, axes in DYNAMIC_AXES.items()}
         torch.onnx.export(
             graph,
             args,
             str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
             dynamic_shapes=shapes,
             dynamo=True,
             external_data=False,
             verbose=False,
+            **common,
         )
 
 
