@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from e2vpt.backbone import Backbone, load_backbone
-from e2vpt.model import PromptedViT, TaskBatch
-from e2vpt.promptset import PromptSet
+from e2vpt.core.backbone import Backbone, load_backbone
+from e2vpt.core.model import PromptedViT, TaskBatch
+from e2vpt.core.promptset import PromptSet
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "10/5": {"num_prompts": 10, "num_kv": 5, "prune_half": False},

@@ -26,12 +26,12 @@ from typing import Any
 import onnxruntime as ort
 import torch
 
-from e2vpt.backbone import Backbone, load_backbone
-from e2vpt.backends import FeatureBackend, TorchBackend
-from e2vpt.model import TaskBatch
-from e2vpt.onnx_backend import OnnxBackend
-from e2vpt.onnx_export import export_onnx
-from e2vpt.promptset import PromptSet
+from e2vpt.core.backbone import Backbone, load_backbone
+from e2vpt.core.model import TaskBatch
+from e2vpt.core.promptset import PromptSet
+from e2vpt.onnx.backend import OnnxBackend
+from e2vpt.onnx.export import export_onnx
+from e2vpt.serving.backends import FeatureBackend, TorchBackend
 
 MIXES: dict[str, list[tuple[int, int]]] = {
     "10/5": [(10, 5)],

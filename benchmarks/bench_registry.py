@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from e2vpt.backbone import BackboneInfo
-from e2vpt.promptset import PromptSet
-from e2vpt.store import PromptStore
+from e2vpt.core.backbone import BackboneInfo
+from e2vpt.core.promptset import PromptSet
+from e2vpt.registry.store import PromptStore
 
 RESULTS = Path(__file__).parent / "results" / "registry.json"
 

@@ -29,17 +29,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from serving_helpers import image_bytes  # noqa: E402
-
-from e2vpt.backbone import load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.config import Settings  # noqa: E402
-from e2vpt.engine import MultiTaskEngine, RequestItem, Result  # noqa: E402
-from e2vpt.localredis import ensure_redis  # noqa: E402
-from e2vpt.promptset import PromptSet  # noqa: E402
-from e2vpt.store import PromptStore  # noqa: E402
-from e2vpt.torchserve import TorchServe, build_mar  # noqa: E402
+from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
+from e2vpt.core.promptset import PromptSet  # noqa: E402
+from e2vpt.dev.images import image_bytes  # noqa: E402
+from e2vpt.dev.localredis import ensure_redis  # noqa: E402
+from e2vpt.registry.store import PromptStore  # noqa: E402
+from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result  # noqa: E402
+from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
 
 BACKBONES = {
     "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the .mar from handlers/ + model_store/ and run TorchServe with the repo's config, until it exits.
+# Build the .mar (handler and config template from e2vpt/torchserve/) and run TorchServe with the repo's config, until it exits.
 # The TorchServe container's entrypoint, running the same two commands as `make demo` and the README:
 #   python -m e2vpt.cli serve build-mar   and   python -m e2vpt.cli serve start
 # `serve start` returns once every worker is ready; this script then follows TorchServe's output and

@@ -1,4 +1,8 @@
-"""The `e2vpt` command line. Each feature adds its subcommands from its own module (`register(sub)`)."""
+"""The `e2vpt` command line. Each feature adds its subcommands from its own module (`register(sub)`).
+
+The serving package's own commands are listed here; other installed packages (the trainer) add theirs
+through the `e2vpt.commands` entry-point group, so `e2vpt` never imports them by name.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,15 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 # Modules that contribute subcommands: each defines `register(subparsers)` and sets `func` on its parsers.
 COMMAND_MODULES: tuple[str, ...] = (
-    "e2vpt.registry_cli",
-    "e2vpt.torchserve",
-    "training.cli",
-    "e2vpt.onnx_export",
+    "e2vpt.registry.cli",
+    "e2vpt.torchserve.archive",
+    "e2vpt.onnx.export",
 )
+ENTRY_POINT_GROUP = "e2vpt.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for plugin in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        plugin.load()(sub)
     return parser
 
 

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     registry_client_timeout: float = 30.0  # CLI HTTP timeout, seconds
 
     # --- serving: images, engine, prompt cache, metrics (issue 5) ----------------------------------
-    # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx_backend).
+    # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx.backend).
     backend: str = "torch"
     # Model dtype for serving ("float32", "float16", "bfloat16"); prompt sets are converted once on load.
     serving_dtype: str = "float32"
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
-    # TorchServe (model_store/, e2vpt.torchserve): bind address, ports (0 = pick a free one), workers, batching.
+    # TorchServe (model_store/, e2vpt.torchserve.archive): bind address, ports (0 = pick a free one), workers, batching.
     ts_bind: str = "127.0.0.1"
     ts_inference_port: int = 8080
     ts_management_port: int = 8081

@@ -28,12 +28,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from e2vpt.backbone import load_backbone, save_checkpoint  # noqa: E402
+from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
+from e2vpt.core.promptset import PromptSet  # noqa: E402
+from e2vpt.dev.localredis import ensure_redis, free_port  # noqa: E402
 from e2vpt.errors import RegistryRequestError  # noqa: E402
-from e2vpt.localredis import ensure_redis, free_port  # noqa: E402
-from e2vpt.promptset import PromptSet  # noqa: E402
-from e2vpt.registry_cli import RegistryClient  # noqa: E402
-from e2vpt.torchserve import TorchServe, build_mar  # noqa: E402
+from e2vpt.registry.cli import RegistryClient  # noqa: E402
+from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
 
 log = logging.getLogger("demo")
 STEPS = 8

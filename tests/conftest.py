@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2vpt.backbone import Backbone, load_backbone
-from e2vpt.localredis import LocalRedis, free_port
+from e2vpt.core.backbone import Backbone, load_backbone
+from e2vpt.dev.localredis import LocalRedis, free_port
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -16,8 +16,8 @@ import logging
 import re
 from pathlib import Path
 
-from e2vpt.backbone import Backbone, load_backbone
 from e2vpt.config import get_settings
+from e2vpt.core.backbone import Backbone, load_backbone
 from e2vpt.errors import E2VPTError
 from training.data import DataSplits, image_folder_splits, vtab_splits, with_transforms
 from training.minivtab import TASKS

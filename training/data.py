@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import transforms as T
 
-from e2vpt.backbone import BackboneInfo
+from e2vpt.core.backbone import BackboneInfo
+from e2vpt.core.images import RECIPES, build_transform  # noqa: F401  (re-exported: the one home is e2vpt.core.images)
 from e2vpt.errors import InvalidDataset
-from e2vpt.images import RECIPES, build_transform  # noqa: F401  (re-exported: the one home is e2vpt.images)
 
 log = logging.getLogger(__name__)
 

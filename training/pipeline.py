@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from e2vpt.backbone import Backbone
-from e2vpt.promptset import PromptSet
+from e2vpt.core.backbone import Backbone
+from e2vpt.core.promptset import PromptSet
 from training.data import DataSplits
 from training.pruning import PruneConfig, PruneResult, prune_and_rewind
 from training.registry import register_prompt_set

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from e2vpt.backbone import Backbone
-from e2vpt.model import PromptedViT, TaskPrompts
-from e2vpt.promptset import PromptSet
-from e2vpt.pruning import kept_indices, segment_mask_from_scores, token_mask_from_scores
+from e2vpt.core.backbone import Backbone
+from e2vpt.core.model import PromptedViT, TaskPrompts
+from e2vpt.core.promptset import PromptSet
+from e2vpt.core.pruning import kept_indices, segment_mask_from_scores, token_mask_from_scores
 from training.data import DataSplits
 from training.trainer import TrainConfig, TrainResult, evaluate, initial_prompt_set, loader, train
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
+from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import RegistrationFailed
-from e2vpt.promptset import PromptSet, check_task_id
 
 
 def register_prompt_set(

@@ -19,9 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from e2vpt.backbone import Backbone  # noqa: E402
-from e2vpt.model import PromptedViT, TaskBatch  # noqa: E402
-from e2vpt.promptset import PromptSet  # noqa: E402
+from e2vpt.core.backbone import Backbone  # noqa: E402
+from e2vpt.core.model import PromptedViT, TaskBatch  # noqa: E402
+from e2vpt.core.promptset import PromptSet  # noqa: E402
 from training.data import with_transforms  # noqa: E402
 from training.minivtab import TASK_GROUPS, TASKS, max_test_images, mini_vtab  # noqa: E402
 from training.pruning import PruneConfig, prune_and_rewind  # noqa: E402

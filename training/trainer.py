@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from e2vpt.backbone import Backbone
+from e2vpt.core.backbone import Backbone
+from e2vpt.core.model import PromptedViT, TaskPrompts
+from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import InvalidDataset
-from e2vpt.model import PromptedViT, TaskPrompts
-from e2vpt.promptset import PromptSet
 from training.data import DataSplits
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The offline upstream backbone of the fidelity study: a small timm ViT (vit_tiny_patch16_224 built with
 32x32 input, 4x4 patches -> 64 tokens, 4 blocks, D=128, 4 heads, average pooling; ~0.8M parameters)
-pretrained from scratch on a generated task, saved with `e2vpt.backbone.save_checkpoint` so
+pretrained from scratch on a generated task, saved with `e2vpt.core.backbone.save_checkpoint` so
 `load_backbone(checkpoint=path)` rebuilds it.
 
 Upstream task (default `shape`): the shape (6 classes) of one main object in a random colour, at any
@@ -25,8 +25,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from e2vpt.backbone import Backbone, load_backbone, save_checkpoint
 from e2vpt.config import get_settings
+from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
 from training.minivtab import (
     COLOR_FAMILIES,
     SHAPES,

@@ -1,0 +1,363 @@
+"""The registry HTTP API: register, inspect, roll back and delete prompt sets in the Redis `PromptStore`.
+
+`create_app(settings)` builds the app (loading the configured backbone only to learn its fingerprint and
+shapes); `create_app(store)` serves an existing store. Run it with `python -m e2vpt.cli registry serve`.
+
+Writes need `Authorization: Bearer <token>` (token from `registry_token_file` or `registry_token`);
+reads need it too when `registry_auth_reads` is set. Every error is a typed `E2VPTError` answered with
+its own `http_status` by one exception handler, as JSON `{"error": code, "detail": message}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from e2vpt.config import Settings, get_settings
+from e2vpt.core.backbone import BackboneInfo
+from e2vpt.core.promptset import TASK_ID_RE, check_task_id
+from e2vpt.errors import (
+    BadRequest,
+    E2VPTError,
+    InvalidTaskId,
+    PromptSetTooLarge,
+    Unauthorized,
+    http_status,
+)
+from e2vpt.registry.store import CURSOR_PATTERN, MAX_LIST_LIMIT, PromptStore
+
+log = logging.getLogger(__name__)
+
+# A multipart envelope (boundaries, part headers) around a file is small; bodies beyond this slack over
+# the prompt-set limit are refused before they are read.
+MULTIPART_SLACK_BYTES = 64 * 1024
+OCTET_STREAM = "application/octet-stream"
+SIZE_BUCKETS = tuple(float(2**k) for k in range(10, 28, 1))  # 1 KiB .. 128 MiB
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def read_token(settings: Settings) -> str | None:
+    """The write token: the secret file wins over the environment; blank means none."""
+    if settings.registry_token_file:
+        token = Path(settings.registry_token_file).read_text().strip()
+    else:
+        token = (settings.registry_token or "").strip()
+    return token or None
+
+
+class RollbackRequest(BaseModel):
+    version: int = Field(ge=1, description="the kept version whose content becomes current as a new version")
+
+
+class RegistryMetrics:
+    """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.changes = Counter(
+            "e2vpt_registry_changes_total", "Accepted changes by action", ["action"], registry=self.registry
+        )
+        self.rejections = Counter(
+            "e2vpt_registry_rejections_total",
+            "Refused registrations by reason (error code)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.sizes = Histogram(
+            "e2vpt_registry_prompt_set_bytes",
+            "Size of registered prompt-set files in bytes",
+            buckets=SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "e2vpt_registry_request_duration_seconds",
+            "Registry API request latency by route template, method and status",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+
+def _error_response(exc: E2VPTError) -> JSONResponse:
+    """The one place where errors become HTTP responses."""
+    headers = {"WWW-Authenticate": 'Bearer realm="e2vpt-registry"'} if isinstance(exc, Unauthorized) else None
+    return JSONResponse(status_code=http_status(exc), content=exc.to_dict(), headers=headers)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` (never read whole)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError as exc:
+            raise BadRequest(f"invalid Content-Length {length!r}") from exc
+        if declared > limit:
+            raise PromptSetTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PromptSetTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _file_from_multipart(request: Request, body: bytes) -> bytes:
+    """The `file` field of a multipart body already read (with its size cap)."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=4)
+    except Exception as exc:  # starlette/python-multipart raise several types for malformed envelopes
+        raise BadRequest(f"malformed multipart body: {exc}") from exc
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise BadRequest("multipart body has no file field named 'file'")
+    return await upload.read()
+
+
+_REGISTER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a prompt-set file (safetensors), raw or as multipart field `file`",
+        "content": {
+            OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad request (task id, query, body)"},
+    401: {"description": "missing or wrong bearer token"},
+    404: {"description": "unknown task or version"},
+    503: {"description": "the prompt store (Redis) is unavailable"},
+}
+
+
+_bearer = HTTPBearer(auto_error=False, description="the registry token")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _task_id(
+    task_id: Annotated[str, PathParam(pattern=TASK_ID_RE.pattern, max_length=128, description="the task id")],
+) -> str:
+    return check_task_id(task_id)
+
+
+TaskId = Annotated[str, Depends(_task_id)]
+
+
+def _no_auth() -> None:
+    """Reads are open (registry_auth_reads is off)."""
+
+
+VersionQ = Annotated[int | None, Query(ge=1, description="a kept version (default: current)")]
+Cursor = Annotated[
+    str, Query(pattern=CURSOR_PATTERN, description="'0' to start, then the previous page's next_cursor")
+]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)]
+
+
+def create_app(
+    source: Settings | PromptStore | None = None,
+    *,
+    settings: Settings | None = None,
+    token: str | None = None,
+) -> FastAPI:
+    """The registry app over a store, or over one built from settings (Redis URL, namespace, backbone).
+
+    `settings` (default: the process settings) gives the token, auth and size options when `source` is a
+    store; `token` overrides the configured token.
+    """
+    if isinstance(source, PromptStore):
+        store = source
+        settings = settings or get_settings()
+    else:
+        settings = source or settings or get_settings()
+        from e2vpt.core.backbone import backbone_from_settings
+
+        store = PromptStore.from_settings(backbone_from_settings(settings).info, settings)
+    write_token = token if token is not None else read_token(settings)
+    auth_reads = settings.registry_auth_reads
+    max_bytes = settings.max_prompt_set_bytes
+    if write_token is None:
+        log.warning("no registry token configured (E2VPT_REGISTRY_TOKEN[_FILE]): every write is refused")
+
+    info: BackboneInfo = store.info
+    metrics = RegistryMetrics()
+    app = FastAPI(
+        title="E2VPT prompt registry",
+        version="1",
+        description=f"Prompt sets of backbone {info.name} ({info.fingerprint}), stored in Redis.",
+    )
+    app.state.store, app.state.metrics = store, metrics
+
+    def check(credentials: HTTPAuthorizationCredentials | None) -> None:
+        if write_token is None:
+            raise Unauthorized("this registry has no token configured: writes are disabled")
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise Unauthorized("missing bearer token")
+        if not hmac.compare_digest(credentials.credentials.encode(), write_token.encode()):
+            raise Unauthorized("invalid bearer token")
+
+    def require_write(credentials: Credentials) -> None:
+        check(credentials)
+
+    Write = Depends(require_write)
+    # reads declare (and check) the bearer scheme only when they need it, so the schema says the truth
+    Read = Depends(require_write) if auth_reads else Depends(_no_auth)
+
+    # ------------------------------------------------------------------ errors and metrics
+    @app.exception_handler(E2VPTError)
+    async def on_error(request: Request, exc: E2VPTError) -> JSONResponse:
+        if request.method == "PUT" and request.url.path.startswith("/tasks/"):
+            metrics.rejections.labels(reason=exc.code).inc()
+        return _error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return _error_response(E2VPTError(f"internal error: {type(exc).__name__}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        bad_id = next((e for e in exc.errors() if tuple(e["loc"]) == ("path", "task_id")), None)
+        if bad_id is not None:
+            return await on_error(
+                request, InvalidTaskId(f"invalid task id {bad_id.get('input')!r}: {bad_id['msg']}")
+            )
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return await on_error(request, BadRequest(problems))
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.latency.labels(request.method, path, str(status)).observe(time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ routes
+    @app.put(
+        "/tasks/{task_id}",
+        status_code=201,
+        dependencies=[Write],
+        openapi_extra=_REGISTER_BODY,
+        responses={
+            **_ERROR_RESPONSES,
+            413: {"description": "too large"},
+            422: {"description": "invalid file"},
+        },
+        summary="Register a prompt set as the task's new current version",
+    )
+    async def register_task(task_id: TaskId, request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", OCTET_STREAM).split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            body = await _read_capped(request, max_bytes + MULTIPART_SLACK_BYTES)
+            data = await _file_from_multipart(request, body)
+            if len(data) > max_bytes:
+                raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {max_bytes}")
+        elif ctype in (OCTET_STREAM, "application/vnd.safetensors", "application/x-safetensors"):
+            data = await _read_capped(request, max_bytes)
+        else:
+            raise BadRequest(
+                f"unsupported content type {ctype!r}: send {OCTET_STREAM} or multipart/form-data"
+            )
+        _, version = await run_in_threadpool(store.register_bytes, data, task_id=task_id)
+        metrics.changes.labels(action="register").inc()
+        metrics.sizes.observe(len(data))
+        summary = await run_in_threadpool(store.summary, task_id, version)
+        return {"task_id": task_id, "version": version, "summary": summary}
+
+    @app.get("/tasks", dependencies=[Read], responses=_ERROR_RESPONSES, summary="List tasks (paginated)")
+    def list_tasks(cursor: Cursor = "0", limit: Limit = 100) -> dict[str, Any]:
+        tasks, next_cursor = store.list_tasks(cursor=cursor, limit=limit)
+        return {"tasks": tasks, "next_cursor": next_cursor}
+
+    @app.get("/tasks/{task_id}", dependencies=[Read], responses=_ERROR_RESPONSES, summary="A task's summary")
+    def show_task(task_id: TaskId, version: VersionQ = None) -> dict[str, Any]:
+        return {"task_id": task_id, **store.summary(task_id, version)}
+
+    @app.get(
+        "/tasks/{task_id}/file",
+        dependencies=[Read],
+        response_class=Response,
+        responses={**_ERROR_RESPONSES, 200: {"content": {OCTET_STREAM: {"schema": {"type": "string"}}}}},
+        summary="The prompt-set file (export)",
+    )
+    def task_file(task_id: TaskId, version: VersionQ = None) -> Response:
+        data, v = store.get_bytes(task_id, version)
+        headers = {
+            "X-Task-Version": str(v),
+            "Content-Disposition": f'attachment; filename="{task_id}.v{v}.safetensors"',
+        }
+        return Response(content=data, media_type=OCTET_STREAM, headers=headers)
+
+    @app.get(
+        "/tasks/{task_id}/versions", dependencies=[Read], responses=_ERROR_RESPONSES, summary="Kept versions"
+    )
+    def task_versions(task_id: TaskId) -> dict[str, Any]:
+        return {"task_id": task_id, "versions": store.versions(task_id)}
+
+    @app.post(
+        "/tasks/{task_id}/rollback",
+        dependencies=[Write],
+        responses=_ERROR_RESPONSES,
+        summary="Make an earlier version's content current again, as a NEW version",
+    )
+    def rollback(task_id: TaskId, body: RollbackRequest) -> dict[str, Any]:
+        version = store.rollback(task_id, body.version)
+        metrics.changes.labels(action="rollback").inc()
+        return {"task_id": task_id, "version": version, "rolled_back_from": body.version}
+
+    @app.delete(
+        "/tasks/{task_id}",
+        status_code=204,
+        dependencies=[Write],
+        response_class=Response,
+        responses=_ERROR_RESPONSES,
+        summary="Delete a task and all its versions",
+    )
+    def delete_task(task_id: TaskId) -> Response:
+        store.delete(task_id)
+        metrics.changes.labels(action="delete").inc()
+        return Response(status_code=204)
+
+    @app.get("/healthz", responses={503: _ERROR_RESPONSES[503]}, summary="Liveness and Redis reachability")
+    def healthz() -> dict[str, Any]:
+        store.ping()
+        return {"status": "ok", "backbone": info.name, "fingerprint": info.fingerprint}
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    def prometheus() -> Response:
+        return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,303 @@
+"""`e2vpt tasks ...` (a client of the registry HTTP API) and `e2vpt registry serve` (runs that API).
+
+    e2vpt tasks register FILE...            upload prompt-set files (each under its own task id)
+    e2vpt tasks list [--json] [--limit N]   every task, page by page
+    e2vpt tasks show TASK [--version N]     one task's summary (JSON)
+    e2vpt tasks versions TASK               kept versions (JSON)
+    e2vpt tasks rollback TASK VERSION       make VERSION's content current again (as a new version)
+    e2vpt tasks delete TASK                 delete a task and all its versions
+    e2vpt tasks export DIR [TASK...]        backup: one prompt-set file per task (current version)
+    e2vpt tasks import DIR                  restore: register every *.safetensors in DIR
+
+URL and token come from --url/--token/--token-file, else E2VPT_REGISTRY_URL and
+E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results to stdout.
+Exit codes: 0 ok, 1 refused by the registry (4xx), 2 usage, 66 input file missing, 69 registry or
+Redis unavailable, 77 not authorised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from e2vpt.config import Settings, get_settings
+from e2vpt.core.promptset import PromptSet
+from e2vpt.errors import E2VPTError, RegistryRequestError, RegistryUnreachable
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT_NOPERM = 0, 1, 2, 66, 69, 77
+FILE_SUFFIX = ".safetensors"
+
+
+def exit_code(exc: BaseException) -> int:
+    if isinstance(exc, RegistryUnreachable):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, E2VPTError):
+        status = exc.http_status
+        if status in (401, 403):
+            return EXIT_NOPERM
+        if status in (502, 503, 504):
+            return EXIT_UNAVAILABLE
+        return EXIT_REFUSED
+    if isinstance(exc, FileNotFoundError):
+        return EXIT_NOINPUT
+    return EXIT_REFUSED
+
+
+class RegistryClient:
+    """A small typed client of the registry API; every failure is a `RegistryRequestError`/`Unreachable`."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | None = None, *, url: str | None = None, token: str | None = None
+    ) -> RegistryClient:
+        from e2vpt.registry.api import read_token
+
+        settings = settings or get_settings()
+        return cls(
+            url or settings.registry_url, token or read_token(settings), settings.registry_client_timeout
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise RegistryUnreachable(f"registry {self.url} unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                code, detail = str(body.get("error", "registry_error")), str(body.get("detail", body))
+            except ValueError:
+                code, detail = "registry_error", response.text[:500] or response.reason_phrase
+            raise RegistryRequestError(detail, status=response.status_code, code=code)
+        return response
+
+    def register(self, data: bytes, task_id: str) -> dict[str, Any]:
+        headers = {"Content-Type": "application/octet-stream"}
+        return self._request("PUT", f"/tasks/{task_id}", content=data, headers=headers).json()
+
+    def list_page(self, cursor: str = "0", limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+        body = self._request("GET", "/tasks", params={"cursor": cursor, "limit": limit}).json()
+        return body["tasks"], body["next_cursor"]
+
+    def iter_tasks(self, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        cursor: str | None = "0"
+        while cursor is not None:
+            tasks, cursor = self.list_page(cursor, page_size)
+            yield from tasks
+
+    def show(self, task_id: str, version: int | None = None) -> dict[str, Any]:
+        params = {"version": version} if version is not None else {}
+        return self._request("GET", f"/tasks/{task_id}", params=params).json()
+
+    def versions(self, task_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/tasks/{task_id}/versions").json()["versions"]
+
+    def file(self, task_id: str, version: int | None = None) -> tuple[bytes, int]:
+        params = {"version": version} if version is not None else {}
+        response = self._request("GET", f"/tasks/{task_id}/file", params=params)
+        return response.content, int(response.headers["X-Task-Version"])
+
+    def rollback(self, task_id: str, version: int) -> dict[str, Any]:
+        return self._request("POST", f"/tasks/{task_id}/rollback", json={"version": version}).json()
+
+    def delete(self, task_id: str) -> None:
+        self._request("DELETE", f"/tasks/{task_id}")
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz").json()
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
+    """Upload one file under its own task id (read locally only to learn it; the server validates)."""
+    data = path.read_bytes()
+    task_id = PromptSet.from_bytes(data).task_id
+    return client.register(data, task_id)
+
+
+def _register_files(client: RegistryClient, paths: list[Path]) -> int:
+    worst = EXIT_OK
+    for path in paths:
+        try:
+            result = _register_file(client, path)
+        except (E2VPTError, OSError) as exc:
+            _err(f"{path}: refused: {getattr(exc, 'message', exc)}")
+            if isinstance(exc, RegistryUnreachable):
+                return EXIT_UNAVAILABLE
+            worst = worst or exit_code(exc)
+            continue
+        print(f"{result['task_id']}\tversion {result['version']}\t{path}")
+    return worst
+
+
+def cmd_register(client: RegistryClient, args: argparse.Namespace) -> int:
+    return _register_files(client, [Path(p) for p in args.files])
+
+
+def cmd_list(client: RegistryClient, args: argparse.Namespace) -> int:
+    tasks = list(client.iter_tasks(args.page_size))
+    if args.json:
+        _print_json(tasks)
+        return EXIT_OK
+    print("TASK\tVERSION\tCLASSES\tP\tT\tDTYPE\tBYTES\tREGISTERED")
+    for t in tasks:
+        row = [
+            t["task_id"],
+            t["version"],
+            t["num_classes"],
+            t["num_prompts"],
+            t["num_kv"],
+            t["dtype"],
+            t["size"],
+        ]
+        print("\t".join(map(str, [*row, t.get("registered_at", "")])))
+    _err(f"{len(tasks)} task(s)")
+    return EXIT_OK
+
+
+def cmd_show(client: RegistryClient, args: argparse.Namespace) -> int:
+    _print_json(client.show(args.task, args.version))
+    return EXIT_OK
+
+
+def cmd_versions(client: RegistryClient, args: argparse.Namespace) -> int:
+    _print_json(client.versions(args.task))
+    return EXIT_OK
+
+
+def cmd_rollback(client: RegistryClient, args: argparse.Namespace) -> int:
+    result = client.rollback(args.task, args.version)
+    print(
+        f"{result['task_id']}\tversion {result['version']}\t(content of version {result['rolled_back_from']})"
+    )
+    return EXIT_OK
+
+
+def cmd_delete(client: RegistryClient, args: argparse.Namespace) -> int:
+    client.delete(args.task)
+    _err(f"deleted {args.task}")
+    return EXIT_OK
+
+
+def cmd_export(client: RegistryClient, args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task_ids = args.tasks or [t["task_id"] for t in client.iter_tasks()]
+    for task_id in task_ids:
+        data, version = client.file(task_id)
+        path = out / f"{task_id}{FILE_SUFFIX}"
+        tmp = out / f".{task_id}{FILE_SUFFIX}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        print(f"{task_id}\tversion {version}\t{path}")
+    _err(f"exported {len(task_ids)} task(s) to {out}")
+    return EXIT_OK
+
+
+def cmd_import(client: RegistryClient, args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    paths = sorted(folder.glob(f"*{FILE_SUFFIX}"))
+    if not paths:
+        _err(f"no *{FILE_SUFFIX} files in {folder}")
+        return EXIT_NOINPUT
+    return _register_files(client, paths)
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            _err(f"error: cannot read token file: {exc}")
+            return EXIT_NOINPUT
+    client = RegistryClient.from_settings(settings, url=args.url, token=token)
+    try:
+        return int(args.tasks_func(client, args))
+    except E2VPTError as exc:
+        where = f" (HTTP {exc.http_status} {exc.code})" if isinstance(exc, RegistryRequestError) else ""
+        _err(f"error: {exc.message}{where}")
+        return exit_code(exc)
+    except FileNotFoundError as exc:
+        _err(f"error: {exc}")
+        return EXIT_NOINPUT
+    finally:
+        client.close()
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from e2vpt.registry.api import create_app
+
+    settings = get_settings()
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host or settings.registry_host, port=args.port or settings.registry_port,
+                log_level=args.log_level)  # fmt: skip
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="registry API URL (default: E2VPT_REGISTRY_URL)")
+    common.add_argument("--token", help="bearer token (default: E2VPT_REGISTRY_TOKEN[_FILE])")
+    common.add_argument("--token-file", help="file holding the bearer token")
+
+    tasks = subparsers.add_parser("tasks", help="manage registered prompt sets through the registry API")
+    sub = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
+
+    def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_)
+        p.set_defaults(func=_run_tasks, tasks_func=func)
+        return p
+
+    add("register", cmd_register, "register prompt-set files").add_argument(
+        "files", nargs="+", metavar="FILE"
+    )
+    p = add("list", cmd_list, "list tasks")
+    p.add_argument("--json", action="store_true", help="print JSON summaries")
+    p.add_argument("--page-size", type=int, default=100)
+    p = add("show", cmd_show, "show a task's summary")
+    p.add_argument("task")
+    p.add_argument("--version", type=int)
+    add("versions", cmd_versions, "list a task's kept versions").add_argument("task")
+    p = add("rollback", cmd_rollback, "make an earlier version current again (as a new version)")
+    p.add_argument("task")
+    p.add_argument("version", type=int)
+    add("delete", cmd_delete, "delete a task and all its versions").add_argument("task")
+    p = add("export", cmd_export, "write every (or the named) task's current file into a folder")
+    p.add_argument("dir")
+    p.add_argument("tasks", nargs="*", metavar="TASK")
+    add("import", cmd_import, "register every prompt-set file of a folder").add_argument("dir")
+
+    registry = subparsers.add_parser("registry", help="the registry HTTP API server")
+    rsub = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    serve = rsub.add_parser("serve", help="run the registry API with uvicorn")
+    serve.add_argument("--host", help="bind address (default: E2VPT_REGISTRY_HOST)")
+    serve.add_argument("--port", type=int, help="port (default: E2VPT_REGISTRY_PORT)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_run_serve)

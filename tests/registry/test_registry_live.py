@@ -1,0 +1,181 @@
+"""The registry served by `python -m e2vpt.cli registry serve` (real uvicorn, real Redis), and the
+`e2vpt tasks` CLI end to end against it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2vpt.cli import main as cli_main
+from e2vpt.core.backbone import save_checkpoint
+from e2vpt.core.promptset import PromptSet
+from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_NOPERM, EXIT_REFUSED, EXIT_UNAVAILABLE
+from e2vpt.registry.store import PromptStore
+from tests.conftest import TINY, free_port, tiny_backbone
+from tests.registry.test_store import marked_set, marker_of
+
+pytestmark = pytest.mark.integration  # real Redis
+
+TOKEN = "live-test-token"
+MAX_BYTES = 200_000
+
+
+@dataclass
+class LiveRegistry:
+    url: str
+    port: int
+    store: PromptStore
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegistry]:
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    tmp = tmp_path_factory.mktemp("registry")
+    bb = tiny_backbone()
+    ckpt = save_checkpoint(bb.model, bb.info.name, TINY, tmp / "tiny.safetensors")
+    (tmp / "token").write_text(TOKEN + "\n")
+    namespace = f"test-live-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "E2VPT_REDIS_URL": redis_url,
+        "E2VPT_BACKBONE_CHECKPOINT": str(ckpt),
+        "E2VPT_STORE_NAMESPACE": namespace,
+        "E2VPT_REGISTRY_TOKEN_FILE": str(tmp / "token"),
+        "E2VPT_MAX_PROMPT_SET_BYTES": str(MAX_BYTES),
+    }
+    cmd = [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp / "server.log").read_text()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        proc.terminate()
+        pytest.fail("registry did not come up: " + (tmp / "server.log").read_text())
+    store = PromptStore(redis_url, bb.info, namespace=namespace)
+    yield LiveRegistry(url, port, store, env)
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+    store.drop_all()
+
+
+def raw_request(port: int, head: str, body_chunks: list[bytes]) -> bytes:
+    """Send a request by hand (no client library buffering) and return what the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(head.encode())
+        try:
+            for chunk in body_chunks:
+                s.sendall(chunk)
+        except OSError:  # the server may close early after answering: that is the point
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data:
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+        return data
+
+
+def test_declared_oversize_is_refused_before_the_body_is_sent(live: LiveRegistry) -> None:
+    head = (
+        f"PUT /tasks/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {10**9}\r\n\r\n"
+    )
+    answer = raw_request(live.port, head, [b"\x00" * 1024])  # 1 KiB of a declared 1 GB
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_streamed_oversize_is_cut_off_at_the_limit(live: LiveRegistry) -> None:
+    head = (
+        f"PUT /tasks/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"\x00" * 65536
+    # 4 chunks (256 KiB) exceed the 200 kB limit; the body is never terminated, so the only way the
+    # server can answer is by refusing before it has read the whole (endless) body
+    answer = raw_request(live.port, head, [b"%x\r\n" % len(chunk) + chunk + b"\r\n"] * 4)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert live.store.current_version("big") is None
+
+
+def cli(*args: str, live: LiveRegistry, token: str | None = TOKEN) -> int:
+    argv = ["tasks", args[0], "--url", live.url, *(["--token", token] if token else []), *args[1:]]
+    return cli_main(argv)
+
+
+def test_cli_end_to_end(live: LiveRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = live.store.info
+    files = []
+    for t, m in (("cli-a", 1.0), ("cli-b", 1.0), ("cli-a", 2.0)):
+        files.append(marked_set(info, t, m).save(tmp_path / "in" / f"{t}-{m}.safetensors"))
+    assert cli("register", *map(str, files), live=live) == 0
+    out = capsys.readouterr().out
+    assert "cli-a\tversion 1" in out and "cli-b\tversion 1" in out and "cli-a\tversion 2" in out
+    assert cli("list", live=live) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("TASK") and [line.split("\t")[:2] for line in out[1:]] == [
+        ["cli-a", "2"],
+        ["cli-b", "1"],
+    ]
+    assert cli("show", "cli-a", "--version", "1", live=live) == 0
+    assert '"marker": 1.0' in capsys.readouterr().out
+    assert cli("versions", "cli-a", live=live) == 0
+    assert '"version": 2' in capsys.readouterr().out
+    assert cli("rollback", "cli-a", "1", live=live) == 0
+    assert "cli-a\tversion 3" in capsys.readouterr().out
+    assert marker_of(live.store.get("cli-a")[0]) == 1.0
+    # export -> delete everything -> import restores the same content
+    backup = tmp_path / "backup"
+    assert cli("export", str(backup), live=live) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in backup.iterdir()) == ["cli-a.safetensors", "cli-b.safetensors"]
+    assert (backup / "cli-b.safetensors").read_bytes() == live.store.get_bytes("cli-b")[0]
+    assert cli("delete", "cli-a", live=live) == 0 and cli("delete", "cli-b", live=live) == 0
+    assert live.store.current_version("cli-a") is None
+    assert cli("import", str(backup), live=live) == 0
+    capsys.readouterr()
+    assert marker_of(live.store.get("cli-a")[0]) == 1.0 and live.store.current_version("cli-a") == 4
+    assert PromptSet.load(backup / "cli-b.safetensors").task_id == "cli-b"
+
+
+def test_cli_errors_and_exit_codes(
+    live: LiveRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = marked_set(live.store.info, "cli-err", 1.0).save(tmp_path / "good.safetensors")
+    assert cli("register", str(good), live=live, token="wrong") == EXIT_NOPERM
+    assert "refused" in capsys.readouterr().err
+    assert cli("show", "no-such-task", live=live) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "HTTP 404 task_not_found" in err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:100])
+    assert cli("register", str(bad), live=live) == EXIT_REFUSED
+    assert "bad.safetensors: refused" in capsys.readouterr().err
+    assert cli("register", str(tmp_path / "missing.safetensors"), live=live) == EXIT_NOINPUT
+    assert cli("import", str(tmp_path / "nope"), live=live) == EXIT_NOINPUT
+    assert cli_main(["tasks", "list", "--url", f"http://127.0.0.1:{free_port()}"]) == EXIT_UNAVAILABLE
+    assert "unreachable" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["tasks", "bogus"])
+    assert exc.value.code == 2

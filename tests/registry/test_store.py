@@ -1,0 +1,421 @@
+"""PromptStore on real Redis: round trips, atomicity under concurrency, validation at the door, events,
+persistence across restarts and outages."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+import redis
+import torch
+
+from e2vpt.config import get_settings
+from e2vpt.core.backbone import Backbone, BackboneInfo
+from e2vpt.core.promptset import PromptSet
+from e2vpt.errors import (
+    BadRequest,
+    CorruptPromptSet,
+    IncompatiblePromptSet,
+    InvalidPromptSet,
+    InvalidTaskId,
+    PromptSetTooLarge,
+    StoreUnavailable,
+    TaskNotFound,
+    UnsupportedFormatVersion,
+    VersionNotFound,
+)
+from e2vpt.registry.store import PromptStore, StoreEvent
+from tests.conftest import RedisServer, tiny_backbone, wait_for
+
+pytestmark = pytest.mark.integration  # real Redis
+
+
+def marked_set(info: BackboneInfo, task_id: str, marker: float, num_classes: int = 3) -> PromptSet:
+    """A valid set whose every tensor value and whose metadata both encode `marker`."""
+    ps = PromptSet.create(task_id, info, [f"c{i}" for i in range(num_classes)])
+    ps = replace(
+        ps,
+        visual=torch.full_like(ps.visual, marker),
+        kv=torch.full_like(ps.kv, marker),
+        head_weight=torch.full_like(ps.head_weight, marker),
+        head_bias=torch.full_like(ps.head_bias, marker),
+        metrics={"marker": marker},
+    )
+    return ps
+
+
+def marker_of(ps: PromptSet) -> float:
+    """The marker if metadata and all tensors agree on one; raises AssertionError on a torn read."""
+    m = ps.metrics["marker"]
+    for name, t in ps.tensors().items():
+        assert bool((t == m).all()), f"{name} does not carry marker {m}: torn read"
+    return m
+
+
+@pytest.fixture
+def store(redis_url: str, namespace: str, backbone: Backbone) -> Iterator[PromptStore]:
+    s = PromptStore(redis_url, backbone.info, namespace=namespace, keep_versions=5)
+    yield s
+    s.drop_all()
+    s.close()
+
+
+def snapshot(s: PromptStore) -> dict[bytes, bytes]:
+    """Every key of the namespace with its DUMP: equal snapshots mean nothing was written."""
+    return {k: s.client.dump(k) for k in s.all_keys()}
+
+
+def contents(s: PromptStore) -> dict[bytes, object]:
+    """Logical contents of every key (DUMP bytes are not stable across an AOF reload)."""
+    out: dict[bytes, object] = {}
+    for k in s.all_keys():
+        kind = s.client.type(k)
+        out[k] = s.client.hgetall(k) if kind == b"hash" else s.client.zrange(k, 0, -1, withscores=True)
+    return out
+
+
+# ---------------------------------------------------------------------- round trips
+def test_register_get_round_trip(store: PromptStore, backbone: Backbone) -> None:
+    ps = PromptSet.create("cats", backbone.info, ["a", "b", "c"])
+    assert store.current_version("cats") is None
+    assert store.register(ps) == 1
+    got, v = store.get("cats")
+    assert v == 1 and got.labels == ["a", "b", "c"]
+    for key, t in ps.tensors().items():
+        assert torch.equal(got.tensors()[key], t)
+    data, v = store.get_bytes("cats")
+    assert data == ps.to_bytes() and v == 1
+    ps2, v2 = store.register_bytes(marked_set(backbone.info, "cats", 2.0).to_bytes())
+    assert v2 == 2 and marker_of(store.get("cats")[0]) == 2.0
+    assert marker_of(store.get("cats", 2)[0]) == 2.0
+    assert torch.equal(store.get("cats", 1)[0].visual, ps.visual)
+    assert store.current_versions(["cats", "dogs"]) == {"cats": 2, "dogs": None}
+    summ = store.summary("cats")
+    assert summ["version"] == 2 and summ["num_classes"] == 3 and summ["metrics"] == {"marker": 2.0}
+    assert summ["size"] == len(store.get_bytes("cats")[0]) and len(summ["sha256"]) == 64
+    assert store.summary("cats", 1)["version"] == 1
+
+
+def test_versions_rollback_trim_delete(store: PromptStore, backbone: Backbone) -> None:
+    for m in range(1, 4):
+        store.register(marked_set(backbone.info, "t", float(m)))
+    assert [v["version"] for v in store.versions("t")] == [1, 2, 3]
+    assert [v["current"] for v in store.versions("t")] == [False, False, True]
+    # rollback makes version 1's content current as a NEW version 4
+    assert store.rollback("t", 1) == 4
+    ps, v = store.get("t")
+    assert v == 4 and marker_of(ps) == 1.0
+    assert store.summary("t")["rolled_back_from"] == 1 and store.summary("t")["action"] == "rollback"
+    with pytest.raises(VersionNotFound):
+        store.rollback("t", 99)
+    with pytest.raises(TaskNotFound):
+        store.rollback("nope", 1)
+    # keep_versions=5: older versions are trimmed, the current one never
+    for m in range(5, 9):
+        store.register(marked_set(backbone.info, "t", float(m)))
+    assert [v["version"] for v in store.versions("t")] == [4, 5, 6, 7, 8]
+    with pytest.raises(VersionNotFound):
+        store.get("t", 3)
+    assert store.client.hlen(store._task_keys("t")[0]) == 5  # blobs really removed
+    store.delete("t")
+    assert store.current_version("t") is None
+    with pytest.raises(TaskNotFound):
+        store.get("t")
+    with pytest.raises(TaskNotFound):
+        store.delete("t")
+    with pytest.raises(TaskNotFound):
+        store.versions("t")
+    # version numbers are never reused after a delete
+    assert store.register(marked_set(backbone.info, "t", 9.0)) == 9
+
+
+def test_list_is_paginated_and_reads_no_blobs(store: PromptStore, backbone: Backbone) -> None:
+    ids = [f"task-{i:02d}" for i in range(23)]
+    for t in ids:
+        store.register(marked_set(backbone.info, t, 1.0))
+    store.register(marked_set(backbone.info, "task-05", 2.0))
+    seen: list[dict] = []
+    cursor: str | int | None = 0
+    pages = 0
+    while cursor is not None:
+        page, cursor = store.list_tasks(cursor=cursor, limit=7)
+        seen.extend(page)
+        pages += 1
+    assert pages == 4 and [s["task_id"] for s in seen] == ids
+    assert {s["task_id"]: s["version"] for s in seen}["task-05"] == 2
+    assert all("visual" not in s and "labels" not in s for s in seen)
+    # listing works with every blob gone: it never reads them
+    for t in ids:
+        store.client.delete(store._task_keys(t)[0])
+    assert len(store.list_tasks(limit=100)[0]) == 23
+    assert store.count() == 23
+    with pytest.raises(BadRequest):
+        store.list_tasks(cursor="!!not-a-cursor", limit=5)
+    with pytest.raises(BadRequest):
+        store.list_tasks(limit=0)
+
+
+def test_namespaced_by_backbone(
+    redis_url: str, namespace: str, store: PromptStore, backbone: Backbone
+) -> None:
+    other = tiny_backbone(depth=3)
+    other_store = PromptStore(redis_url, other.info, namespace=namespace)
+    try:
+        store.register(PromptSet.create("shared", backbone.info, ["a"]))
+        assert other_store.current_version("shared") is None
+        assert other_store.list_tasks()[0] == []
+        with pytest.raises(IncompatiblePromptSet):
+            other_store.register(PromptSet.create("shared", backbone.info, ["a"]))
+    finally:
+        other_store.drop_all()
+
+
+# ---------------------------------------------------------------------- validation at the door
+def _bad_uploads(info: BackboneInfo) -> dict[str, tuple[bytes, type[Exception]]]:
+    good = marked_set(info, "victim", 5.0)
+    data = good.to_bytes()
+    nan = replace(good, visual=good.visual.clone())
+    nan.visual[0, 0, 0] = float("nan")
+    inf = replace(good, kv=good.kv.clone())
+    inf.kv[0, 0, 0, 0, 0] = float("inf")
+    wrong_head = replace(good, head_bias=torch.zeros(good.num_classes + 1))
+    wrong_d = replace(good, visual=torch.zeros(info.depth, 10, info.embed_dim // 2))
+    wrong_depth = PromptSet.create("victim", replace(info, depth=info.depth + 1), ["a"])
+    other_backbone = replace(good, fingerprint="vit_tiny_patch16_224@sha256:0000000000000000")
+    labels = replace(good, labels=["only-one"])
+    ints = replace(good, head_bias=torch.zeros(good.num_classes, dtype=torch.int64))
+    buf = io.BytesIO()
+    torch.save(good.tensors(), buf)
+    bad_id = replace(good, task_id="../etc/passwd")
+    future = replace(good, format_version=99)
+    return {
+        "empty": (b"", CorruptPromptSet),
+        "truncated": (data[: len(data) // 2], CorruptPromptSet),
+        "header only": (data[:200], CorruptPromptSet),
+        "garbage": (b"\x00" * 64 + b"not safetensors", CorruptPromptSet),
+        "torch.save pickle": (buf.getvalue(), CorruptPromptSet),
+        "raw pickle": (pickle.dumps({"visual": [1, 2, 3]}), CorruptPromptSet),
+        "nan": (nan.to_bytes(), InvalidPromptSet),
+        "inf": (inf.to_bytes(), InvalidPromptSet),
+        "head shape": (wrong_head.to_bytes(), InvalidPromptSet),
+        "embed dim": (wrong_d.to_bytes(), InvalidPromptSet),
+        "depth": (wrong_depth.to_bytes(), IncompatiblePromptSet),
+        "wrong backbone": (other_backbone.to_bytes(), IncompatiblePromptSet),
+        "label count": (labels.to_bytes(), InvalidPromptSet),
+        "int dtype": (ints.to_bytes(), InvalidPromptSet),
+        "bad task id": (bad_id.to_bytes(), InvalidTaskId),
+        "format version": (future.to_bytes(), UnsupportedFormatVersion),
+    }
+
+
+def test_every_malformed_upload_is_refused_and_writes_nothing(
+    store: PromptStore, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.register(marked_set(backbone.info, "victim", 1.0))
+    store.register(marked_set(backbone.info, "bystander", 1.0))
+    before = snapshot(store)
+    assert len(before) >= 7
+    events: list[StoreEvent] = []
+    sub = store.subscribe(events.append)
+    try:
+        for name, (data, exc_type) in _bad_uploads(backbone.info).items():
+            with pytest.raises(exc_type):
+                store.register_bytes(data)
+            assert snapshot(store) == before, f"{name}: Redis changed"
+        # the object path validates too
+        with pytest.raises(IncompatiblePromptSet):
+            store.register(PromptSet.create("victim", tiny_backbone(depth=3).info, ["a"]))
+        # oversized: over the configured byte limit, refused before parsing
+        data = marked_set(backbone.info, "victim", 2.0).to_bytes()
+        monkeypatch.setattr(get_settings(), "max_prompt_set_bytes", len(data) - 1)
+        with pytest.raises(PromptSetTooLarge):
+            store.register_bytes(data)
+        with pytest.raises(PromptSetTooLarge):
+            store.register(marked_set(backbone.info, "victim", 2.0))
+        assert snapshot(store) == before
+        monkeypatch.undo()
+        time.sleep(0.3)
+        assert events == []
+    finally:
+        sub.stop()
+    with pytest.raises(InvalidTaskId):
+        store.get("bad id")
+    with pytest.raises(InvalidTaskId):
+        store.delete("a:b")
+    assert marker_of(store.get("victim")[0]) == 1.0
+
+
+# ---------------------------------------------------------------------- atomicity
+def _register_many(url: str, namespace: str, info: dict, worker: int, n: int, keep: int) -> None:
+    torch.set_num_threads(1)
+    s = PromptStore(url, BackboneInfo.from_dict(info), namespace=namespace, keep_versions=keep)
+    for i in range(n):
+        s.register(marked_set(s.info, "race", float(worker * 1000 + i)))
+
+
+def test_concurrent_registration_from_processes_gives_consecutive_versions(
+    store: PromptStore, redis_url: str, namespace: str, backbone: Backbone
+) -> None:
+    workers, per = 4, 12
+    ctx = mp.get_context("fork")
+    args = (redis_url, namespace, backbone.info.to_dict())
+    procs = [ctx.Process(target=_register_many, args=(*args, w, per, 100)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store.keep_versions = 100
+    versions = [v["version"] for v in store.versions("race")]
+    assert versions == list(range(1, workers * per + 1))
+    markers = sorted(marker_of(store.get("race", v)[0]) for v in versions)
+    assert markers == sorted(float(w * 1000 + i) for w in range(workers) for i in range(per))
+    # each version's summary agrees with its blob
+    for v in versions:
+        assert store.summary("race", v)["metrics"]["marker"] == store.get("race", v)[0].metrics["marker"]
+
+
+def _write_sequence(url: str, namespace: str, info: dict, n: int) -> None:
+    torch.set_num_threads(1)
+    s = PromptStore(url, BackboneInfo.from_dict(info), namespace=namespace, keep_versions=3)
+    for k in range(1, n + 1):
+        assert s.register(marked_set(s.info, "hot", float(k), num_classes=2)) == k
+
+
+def test_reader_never_sees_a_mixed_version_during_1000_updates(
+    store: PromptStore, redis_url: str, namespace: str, backbone: Backbone
+) -> None:
+    ctx = mp.get_context("fork")
+    writer = ctx.Process(target=_write_sequence, args=(redis_url, namespace, backbone.info.to_dict(), 1000))
+    writer.start()
+    reads, last = 0, -1
+    try:
+        while writer.is_alive() or reads == 0:
+            try:
+                ps, v = store.get("hot")
+                summ = store.summary("hot")
+            except TaskNotFound:
+                continue
+            m = marker_of(ps)  # tensors and blob metadata agree
+            assert v == m, f"version {v} carries marker {m}"
+            assert summ["version"] >= v  # the summary is never older than what we already read
+            assert m >= last  # the current version never goes backwards
+            last, reads = m, reads + 1
+    finally:
+        writer.join(60)
+    assert writer.exitcode == 0
+    assert reads > 10 and store.current_version("hot") == 1000
+
+
+# ---------------------------------------------------------------------- events
+def test_events_arrive_for_every_change(store: PromptStore, backbone: Backbone) -> None:
+    events: list[StoreEvent] = []
+    sub = store.subscribe(events.append)
+    try:
+        store.register(marked_set(backbone.info, "a", 1.0))
+        store.register(marked_set(backbone.info, "b", 1.0))
+        store.register(marked_set(backbone.info, "a", 2.0))
+        store.rollback("a", 1)
+        store.delete("b")
+        expected = [
+            StoreEvent("a", 1, "register"),
+            StoreEvent("b", 1, "register"),
+            StoreEvent("a", 2, "register"),
+            StoreEvent("a", 3, "rollback"),
+            StoreEvent("b", 1, "delete"),
+        ]
+        assert wait_for(lambda: len(events) >= len(expected))
+        time.sleep(0.2)
+        assert events == expected
+    finally:
+        sub.stop()
+    assert not sub.alive
+    assert StoreEvent.from_json(expected[0].to_json()) == expected[0]
+    with pytest.raises(BadRequest):
+        StoreEvent.from_json(b'{"task_id": "a"}')
+    with pytest.raises(BadRequest):
+        StoreEvent.from_json('{"task_id": "a", "version": 1, "action": "explode"}')
+
+
+# ---------------------------------------------------------------------- persistence and outages
+def test_restart_with_aof_keeps_every_version(redis_server: RedisServer, backbone: Backbone) -> None:
+    s = PromptStore(redis_server.url, backbone.info, namespace="persist", keep_versions=10)
+    for t in ("x", "y"):
+        for m in range(1, 5):
+            s.register(marked_set(backbone.info, t, float(m)))
+    s.rollback("x", 2)
+    s.delete("y")
+    s.register(marked_set(backbone.info, "y", 9.0))
+    before = contents(s)
+
+    def blobs() -> dict[tuple[str, int], bytes]:
+        return {(t, v["version"]): s.get_bytes(t, v["version"])[0] for t in ("x", "y") for v in s.versions(t)}
+
+    blobs_before = blobs()
+    redis_server.stop()
+    with pytest.raises(StoreUnavailable):
+        s.ping()
+    redis_server.start()
+    assert wait_for(lambda: _pings(s))
+    assert contents(s) == before
+    assert blobs() == blobs_before and len(blobs_before) == 6
+    assert [v["version"] for v in s.versions("x")] == [1, 2, 3, 4, 5]
+    assert marker_of(s.get("x")[0]) == 2.0 and s.get("y")[1] == 5
+    assert s.register(marked_set(backbone.info, "x", 7.0)) == 6  # scripts reload after the restart
+
+
+def _pings(s: PromptStore) -> bool:
+    try:
+        s.ping()
+        return True
+    except StoreUnavailable:
+        return False
+
+
+def test_outage_raises_store_unavailable_and_recovers(redis_server: RedisServer, backbone: Backbone) -> None:
+    s = PromptStore(redis_server.url, backbone.info, namespace="outage", socket_timeout=1.0)
+    s.register(marked_set(backbone.info, "t", 1.0))
+    events: list[StoreEvent] = []
+    reconnects = threading.Event()
+    sub = s.subscribe(events.append, on_reconnect=reconnects.set)
+    try:
+        redis_server.stop()
+        calls: list[Callable[[], object]] = [
+            s.ping,
+            lambda: s.get("t"),
+            lambda: s.get_bytes("t", 1),
+            lambda: s.current_version("t"),
+            lambda: s.current_versions(["t"]),
+            lambda: s.list_tasks(),
+            lambda: s.versions("t"),
+            lambda: s.register(marked_set(backbone.info, "t", 2.0)),
+            lambda: s.rollback("t", 1),
+            lambda: s.delete("t"),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable):
+                call()
+        assert sub.alive
+        redis_server.start()
+        assert wait_for(lambda: _pings(s))
+        assert marker_of(s.get("t")[0]) == 1.0
+        assert reconnects.wait(15), "the subscription did not reconnect"
+        assert s.register(marked_set(backbone.info, "t", 3.0)) == 2
+        assert wait_for(lambda: StoreEvent("t", 2, "register") in events)
+    finally:
+        sub.stop()
+
+
+def test_raw_redis_errors_never_leak(backbone: Backbone) -> None:
+    s = PromptStore("redis://127.0.0.1:1/0", backbone.info, namespace="nowhere", socket_timeout=0.5)
+    with pytest.raises(StoreUnavailable):
+        s.register(marked_set(backbone.info, "t", 1.0))
+    with pytest.raises(StoreUnavailable):
+        s.subscribe(lambda e: None)
+    assert issubclass(StoreUnavailable, Exception) and not issubclass(StoreUnavailable, redis.RedisError)

@@ -1,0 +1,261 @@
+"""End to end: real TorchServe (2 workers) + a private real Redis + the tiny backbone from a checkpoint.
+
+TorchServe starts once for the module (about a minute on a busy 2-core machine); tests run in file order
+and build on each other's state where noted."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import TINY, RedisServer
+
+from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
+from e2vpt.core.promptset import PromptSet
+from e2vpt.dev.images import image_bytes, png_header_bomb
+from e2vpt.registry.store import PromptStore
+from e2vpt.torchserve.adapter import WORKER_HEADER
+from e2vpt.torchserve.archive import TorchServe, build_mar
+from tests.serving_helpers import offline_predict
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not shutil.which("java") or not shutil.which("redis-server"), reason="needs java + redis"
+    ),
+]
+
+WORKERS = 2
+MAX_PIXELS = 250_000
+
+
+@dataclass
+class Served:
+    ts: TorchServe
+    store: PromptStore
+    redis: RedisServer
+    backbone: Backbone
+
+
+def make_set(task_id: str, bb: Backbone, classes: int, seed: int, **kw: object) -> PromptSet:
+    g = torch.Generator().manual_seed(seed)
+    return PromptSet.create(
+        task_id, bb.info, [f"{task_id}-{seed}-c{i}" for i in range(classes)], generator=g, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("served")
+    redis = RedisServer(root / "redis").start()
+    ckpt = save_checkpoint(load_backbone("vit_tiny_patch16_224", **TINY).model, "vit_tiny_patch16_224", TINY,
+                           root / "backbone.safetensors")  # fmt: skip
+    backbone = load_backbone(checkpoint=ckpt)
+    namespace = f"ts-{uuid.uuid4().hex[:8]}"
+    store = PromptStore(redis.url, backbone.info, namespace=namespace)
+    for ps in (make_set("t1", backbone, 3, 1), make_set("t2", backbone, 6, 2, num_prompts=4, num_kv=2),
+               make_set("t3", backbone, 2, 3, share_kv=False)):  # fmt: skip
+        store.register(ps)
+    mar = build_mar(root / "mar", checkpoint=ckpt, engine_config={"top_k": 3})
+    env = {
+        "E2VPT_REDIS_URL": redis.url,
+        "E2VPT_STORE_NAMESPACE": namespace,
+        "E2VPT_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+        "E2VPT_STORE_SOCKET_TIMEOUT": "1",
+        # updates must arrive by pub/sub alone: the version check fallback is effectively off here
+        "E2VPT_CACHE_VERSION_CHECK_MS": "600000",
+    }
+    ts = TorchServe(mar, root / "ts", workers=WORKERS, batch_size=8, max_batch_delay_ms=40, env=env).start()
+    try:
+        yield Served(ts, store, redis, backbone)
+    finally:
+        ts.stop()
+        store.close()
+        redis.stop()
+
+
+async def _send(
+    client: httpx.AsyncClient, url: str, kind: str, task: str | None, data: bytes
+) -> httpx.Response:
+    headers = {} if task is None or kind != "raw" else {"X-Task-Id": task}
+    if kind == "raw":
+        return await client.post(
+            url, content=data, headers={**headers, "Content-Type": "application/octet-stream"}
+        )
+    if kind == "json":
+        body = {"image": base64.b64encode(data).decode(), **({"task_id": task} if task else {})}
+        return await client.post(url, json=body)
+    files = {"image": ("x.png", data, "image/png")}
+    return await client.post(url, data={"task_id": task} if task else {}, files=files)
+
+
+def burst(
+    served: Served, requests: list[tuple[str, str | None, bytes]], token: bool = True
+) -> list[httpx.Response]:
+    """Send all requests at once (so TorchServe batches them together); (kind, task, image)."""
+
+    async def run() -> list[httpx.Response]:
+        headers = served.ts.auth() if token else {}
+        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+            return await asyncio.gather(*(_send(client, served.ts.predictions_url, *r) for r in requests))
+
+    return asyncio.run(run())
+
+
+def test_requests_without_token_are_refused(served: Served) -> None:
+    img = image_bytes(1)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(served.ts.predictions_url, content=img, headers={**headers, "X-Task-Id": "t1"})
+        assert r.status_code in (400, 401) and "Token Authorization failed" in r.text
+    assert httpx.get(f"{served.ts.inference_url}/ping").status_code in (400, 401)
+    assert httpx.get(f"{served.ts.inference_url}/ping", headers=served.ts.auth()).status_code == 200
+
+
+def test_concurrent_mixed_requests_match_offline_model(served: Served) -> None:
+    kinds = ["raw", "json", "multipart"]
+    reqs = [(kinds[i % 3], f"t{1 + i % 3}", image_bytes(100 + i, (40 + i, 32 + i % 5))) for i in range(24)]
+    sets = {t: served.store.get(t)[0] for t in ("t1", "t2", "t3")}
+    for (_, task, img), r in zip(reqs, burst(served, reqs), strict=True):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        expected = offline_predict(served.backbone, sets[task], img, top_k=3)
+        assert body["task_id"] == task and body["version"] == 1
+        assert [p["label"] for p in body["predictions"]] == [label for label, _ in expected]
+        assert [p["score"] for p in body["predictions"]] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+
+def test_each_bad_item_gets_its_status_while_the_rest_succeed(served: Served) -> None:
+    good = image_bytes(7)
+    reqs = [
+        ("raw", "t1", good),
+        ("raw", "no-such-task", good),  # 404
+        ("raw", "bad id!", good),  # 400 invalid task id
+        ("raw", None, good),  # 400 missing task id
+        ("raw", "t2", b"\x89PNG this is not really a png"),  # 400 corrupt image
+        ("raw", "t2", image_bytes(8, (600, 500))),  # 413 over the pixel limit
+        ("raw", "t3", png_header_bomb()),  # 413 decompression bomb
+        ("raw", "t3", b""),  # 400 empty body
+        ("json", "t2", good),
+        ("multipart", "t3", good),
+    ]
+    statuses = [r.status_code for r in burst(served, reqs)]
+    assert statuses == [200, 404, 400, 400, 400, 413, 413, 400, 200, 200]
+
+
+def test_task_registered_while_serving_is_served_at_once(served: Served) -> None:
+    ps = make_set("t4", served.backbone, 5, 4)
+    version = served.store.register(ps)
+    (r,) = burst(served, [("raw", "t4", image_bytes(9))])
+    assert r.status_code == 200 and r.json()["version"] == version
+    assert [p["label"] for p in r.json()["predictions"]] == [lb for lb, _ in offline_predict(
+        served.backbone, ps, image_bytes(9), 3)]  # fmt: skip
+
+
+def _both_workers_answered(served: Served, task: str) -> set[str]:
+    seen: set[str] = set()
+    for _ in range(20):
+        rs = burst(served, [("raw", task, image_bytes(i)) for i in range(16)])
+        assert all(r.status_code == 200 for r in rs)
+        seen |= {r.headers[WORKER_HEADER] for r in rs}
+        if len(seen) == WORKERS:
+            break
+    assert len(seen) == WORKERS, "could not reach every worker"
+    return seen
+
+
+def test_update_reaches_every_worker_within_a_second(served: Served) -> None:
+    _both_workers_answered(served, "t1")  # every worker has t1 v1 cached
+    new = make_set("t1", served.backbone, 4, 11)
+    version = served.store.register(new)
+    time.sleep(1.0)  # the promise: one second after registration, every worker serves the new version
+    seen: set[str] = set()
+    for _ in range(20):
+        rs = burst(served, [("raw", "t1", image_bytes(i)) for i in range(16)])
+        assert [r.json()["version"] for r in rs] == [version] * 16
+        assert all(r.json()["predictions"][0]["label"].startswith("t1-11-") for r in rs)
+        seen |= {r.headers[WORKER_HEADER] for r in rs}
+        if len(seen) == WORKERS:
+            break
+    assert len(seen) == WORKERS
+
+
+def test_deleted_task_returns_404(served: Served) -> None:
+    _both_workers_answered(served, "t4")
+    served.store.delete("t4")
+    time.sleep(1.0)
+    rs = burst(served, [("raw", "t4", image_bytes(i)) for i in range(16)])
+    assert [r.status_code for r in rs] == [404] * 16
+    assert rs[0].json()["error"] == "task_not_found"
+
+
+def _scrape(served: Served) -> str:
+    return httpx.get(served.ts.worker_metrics_url, timeout=10).text
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+            if got == labels:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_expose_per_task_histogram_with_right_counts(served: Served) -> None:
+    before = _scrape(served)
+    burst(served, [("raw", "t2", image_bytes(i)) for i in range(7)] + [("raw", "nope", image_bytes(1))] * 2)
+    after = _scrape(served)
+    count = "e2vpt_request_latency_seconds_count"
+    assert _sample(after, count, task="t2") - _sample(before, count, task="t2") == 7
+    ok = "e2vpt_requests_total"
+    assert _sample(after, ok, status="200", task="t2") - _sample(before, ok, status="200", task="t2") == 7
+    assert (
+        _sample(after, ok, status="404", task="unknown") - _sample(before, ok, status="404", task="unknown")
+        == 2
+    )
+    assert 'e2vpt_request_latency_seconds_bucket{le="0.0005",task="t2"}' in after
+    assert _sample(after, "e2vpt_cache_resident_tasks") >= 2  # summed over the workers
+    # TorchServe's own queue time is on its metrics port (no token needed there)
+    assert "ts_queue_latency_microseconds" in httpx.get(served.ts.metrics_url, timeout=10).text
+
+
+def test_redis_outage_cached_tasks_answer_others_503_and_recover(served: Served) -> None:
+    served.store.register(make_set("t5", served.backbone, 3, 5))  # registered, never requested: uncached
+    _both_workers_answered(served, "t2")
+    served.redis.stop()
+    try:
+        rs = burst(
+            served, [("raw", "t2", image_bytes(i)) for i in range(8)] + [("raw", "t5", image_bytes(1))] * 4
+        )
+        assert [r.status_code for r in rs] == [200] * 8 + [503] * 4
+        assert rs[-1].json()["error"] == "store_unavailable"
+    finally:
+        served.redis.start()
+    deadline = time.monotonic() + 30
+    statuses: list[int] = []
+    while time.monotonic() < deadline:
+        rs = burst(
+            served, [("raw", "t5", image_bytes(i)) for i in range(8)] + [("raw", "t2", image_bytes(1))] * 2
+        )
+        statuses = [r.status_code for r in rs]
+        if statuses == [200] * 10:
+            break
+        time.sleep(0.5)
+    assert statuses == [200] * 10
+
+
+def test_helper_isolation(served: Served, tmp_path: Path) -> None:
+    """The instance keeps its own TMPDIR, key file and logs under its working directory."""
+    wd = served.ts.workdir
+    assert (wd / "key_file.json").is_file() and (wd / "tmp").is_dir() and (wd / "logs").is_dir()
+    assert served.ts.ready_workers() == WORKERS

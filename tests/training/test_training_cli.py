@@ -1,0 +1,135 @@
+"""`e2vpt train` end to end on a tiny backbone, and `--register` against a local HTTP registry."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from e2vpt.cli import main
+from e2vpt.core.promptset import PromptSet
+from e2vpt.errors import RegistrationFailed
+from training.registry import register_prompt_set
+
+TINY = [
+    "--backbone",
+    "vit_tiny_patch16_224",
+    "--model-kwargs",
+    '{"img_size": 32, "patch_size": 8, "depth": 2}',
+]
+
+
+class Registry:
+    """A minimal HTTP endpoint speaking the registry's PUT contract, recording what it received."""
+
+    def __init__(self, token: str = "secret") -> None:
+        self.token, self.received = token, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.received.append((self.path, dict(self.headers), body))
+                if self.headers.get("Authorization") != f"Bearer {outer.token}":
+                    self._send(401, {"error": "unauthorized", "detail": "bad token"})
+                else:
+                    self._send(201, {"task_id": self.path.rsplit("/", 1)[1], "version": len(outer.received)})
+
+            def _send(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def registry():
+    r = Registry()
+    yield r
+    r.close()
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for c, ch in (("red", 0), ("green", 1)):
+        for i in range(6):
+            x = rng.integers(0, 80, (24, 24, 3), dtype=np.uint8)
+            x[..., ch] = 220
+            (root / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x).save(root / c / f"{i}.png")
+    return root
+
+
+def test_train_cli_prunes_writes_outputs_and_registers(tmp_path: Path, registry: Registry, capsys) -> None:
+    out = tmp_path / "run"
+    args = [
+        *TINY,
+        "--data",
+        str(_folder(tmp_path / "ds")),
+        "--method",
+        "e2vpt",
+        "--prompts",
+        "4",
+        "--kv",
+        "2",
+    ]
+    args += [
+        "--segments",
+        "8",
+        "--epochs",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "8",
+        "--prune-tokens",
+        "0.5",
+    ]
+    args += ["--prune-segments", "0.25", "--rewind-epochs", "1", "--no-progress", "--out", str(out)]
+    args += ["--task-id", "colours", "--register", registry.url, "--token", "secret"]
+    assert main(["train", *args]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_prompts"] == 2
+    ps = PromptSet.load(out / "colours.safetensors")
+    assert ps.labels == ["green", "red"] and ps.num_prompts == 2 and ps.config["kept_token_indices"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["prune"]["token_ratio"] == 0.5 and report["registered"]["version"] == 1
+    assert (out / "curves.png").stat().st_size > 0 and (out / "importance.png").stat().st_size > 0
+    path, headers, body = registry.received[0]
+    assert path == "/tasks/colours" and headers["Content-Type"] == "application/octet-stream"
+    assert PromptSet.from_bytes(body).task_id == "colours"
+
+
+def test_train_cli_reports_bad_data_clearly(tmp_path: Path, caplog) -> None:
+    root = _folder(tmp_path / "ds")
+    (root / "red" / "3.png").write_bytes(b"not a png")
+    assert main(["train", *TINY, "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "o")]) == 1
+    assert "3.png" in caplog.text and "InvalidDataset" in caplog.text
+
+
+def test_register_errors_are_typed(registry: Registry, backbone) -> None:
+    ps = PromptSet.create("t1", backbone.info, ["a", "b"], num_prompts=1, num_kv=1)
+    assert register_prompt_set(registry.url, ps, token="secret") == {"task_id": "t1", "version": 1}
+    with pytest.raises(RegistrationFailed, match=r"HTTP 401.*check --token.*bad token"):
+        register_prompt_set(registry.url, ps, token="wrong")
+    url = registry.url
+    registry.close()
+    with pytest.raises(RegistrationFailed, match="cannot reach the registry"):
+        register_prompt_set(url, ps, token="secret", timeout=2)
