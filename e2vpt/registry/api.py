@@ -14,7 +14,6 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -37,6 +36,7 @@ from e2vpt.errors import (
     Unauthorized,
     http_status,
 )
+from e2vpt.registry.client import read_token
 from e2vpt.registry.store import CURSOR_PATTERN, MAX_LIST_LIMIT, PromptStore
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,6 @@ MULTIPART_SLACK_BYTES = 64 * 1024
 OCTET_STREAM = "application/octet-stream"
 SIZE_BUCKETS = tuple(float(2**k) for k in range(10, 28, 1))  # 1 KiB .. 128 MiB
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def read_token(settings: Settings) -> str | None:
-    """The write token: the secret file wins over the environment; blank means none."""
-    if settings.registry_token_file:
-        token = Path(settings.registry_token_file).read_text().strip()
-    else:
-        token = (settings.registry_token or "").strip()
-    return token or None
 
 
 class RollbackRequest(BaseModel):
@@ -192,20 +183,10 @@ def create_app(
     `settings` (default: the process settings) gives the token, auth and size options when `source` is a
     store; `token` overrides the configured token.
     """
-    if isinstance(source, PromptStore):
-        store = source
-        settings = settings or get_settings()
-    else:
-        settings = source or settings or get_settings()
-        from e2vpt.core.backbone import backbone_from_settings
-
-        store = PromptStore.from_settings(backbone_from_settings(settings).info, settings)
+    store, settings = _store_and_settings(source, settings)
     write_token = token if token is not None else read_token(settings)
-    auth_reads = settings.registry_auth_reads
-    max_bytes = settings.max_prompt_set_bytes
     if write_token is None:
         log.warning("no registry token configured (E2VPT_REGISTRY_TOKEN[_FILE]): every write is refused")
-
     info: BackboneInfo = store.info
     metrics = RegistryMetrics()
     app = FastAPI(
@@ -214,8 +195,30 @@ def create_app(
         description=f"Prompt sets of backbone {info.name} ({info.fingerprint}), stored in Redis.",
     )
     app.state.store, app.state.metrics = store, metrics
+    write, read = _auth_dependencies(write_token, settings.registry_auth_reads)
+    _add_error_handlers(app, metrics)
+    _add_timing(app, metrics)
+    _add_write_routes(app, store, metrics, write, settings.max_prompt_set_bytes)
+    _add_read_routes(app, store, read)
+    _add_ops_routes(app, store, metrics)
+    return app
 
-    def check(credentials: HTTPAuthorizationCredentials | None) -> None:
+
+def _store_and_settings(
+    source: Settings | PromptStore | None, settings: Settings | None
+) -> tuple[PromptStore, Settings]:
+    if isinstance(source, PromptStore):
+        return source, settings or get_settings()
+    settings = source or settings or get_settings()
+    from e2vpt.core.backbone import backbone_from_settings
+
+    return PromptStore.from_settings(backbone_from_settings(settings).info, settings), settings
+
+
+def _auth_dependencies(write_token: str | None, auth_reads: bool) -> tuple[Any, Any]:
+    """(write, read) route dependencies: writes need the bearer token, reads only with `auth_reads`."""
+
+    def require_write(credentials: Credentials) -> None:
         if write_token is None:
             raise Unauthorized("this registry has no token configured: writes are disabled")
         if credentials is None or credentials.scheme.lower() != "bearer":
@@ -223,14 +226,14 @@ def create_app(
         if not hmac.compare_digest(credentials.credentials.encode(), write_token.encode()):
             raise Unauthorized("invalid bearer token")
 
-    def require_write(credentials: Credentials) -> None:
-        check(credentials)
-
-    Write = Depends(require_write)
+    write = Depends(require_write)
     # reads declare (and check) the bearer scheme only when they need it, so the schema says the truth
-    Read = Depends(require_write) if auth_reads else Depends(_no_auth)
+    return write, (write if auth_reads else Depends(_no_auth))
 
-    # ------------------------------------------------------------------ errors and metrics
+
+def _add_error_handlers(app: FastAPI, metrics: RegistryMetrics) -> None:
+    """Every error as JSON {error, detail} with its typed status; refused uploads are counted."""
+
     @app.exception_handler(E2VPTError)
     async def on_error(request: Request, exc: E2VPTError) -> JSONResponse:
         if request.method == "PUT" and request.url.path.startswith("/tasks/"):
@@ -252,6 +255,8 @@ def create_app(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return await on_error(request, BadRequest(problems))
 
+
+def _add_timing(app: FastAPI, metrics: RegistryMetrics) -> None:
     @app.middleware("http")
     async def timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
@@ -265,11 +270,14 @@ def create_app(
             path = getattr(route, "path", "unmatched")
             metrics.latency.labels(request.method, path, str(status)).observe(time.perf_counter() - start)
 
-    # ------------------------------------------------------------------ routes
+
+def _add_write_routes(
+    app: FastAPI, store: PromptStore, metrics: RegistryMetrics, write: Any, max_bytes: int
+) -> None:
     @app.put(
         "/tasks/{task_id}",
         status_code=201,
-        dependencies=[Write],
+        dependencies=[write],
         openapi_extra=_REGISTER_BODY,
         responses={
             **_ERROR_RESPONSES,
@@ -297,18 +305,44 @@ def create_app(
         summary = await run_in_threadpool(store.summary, task_id, version)
         return {"task_id": task_id, "version": version, "summary": summary}
 
-    @app.get("/tasks", dependencies=[Read], responses=_ERROR_RESPONSES, summary="List tasks (paginated)")
+    @app.post(
+        "/tasks/{task_id}/rollback",
+        dependencies=[write],
+        responses=_ERROR_RESPONSES,
+        summary="Make an earlier version's content current again, as a NEW version",
+    )
+    def rollback(task_id: TaskId, body: RollbackRequest) -> dict[str, Any]:
+        version = store.rollback(task_id, body.version)
+        metrics.changes.labels(action="rollback").inc()
+        return {"task_id": task_id, "version": version, "rolled_back_from": body.version}
+
+    @app.delete(
+        "/tasks/{task_id}",
+        status_code=204,
+        dependencies=[write],
+        response_class=Response,
+        responses=_ERROR_RESPONSES,
+        summary="Delete a task and all its versions",
+    )
+    def delete_task(task_id: TaskId) -> Response:
+        store.delete(task_id)
+        metrics.changes.labels(action="delete").inc()
+        return Response(status_code=204)
+
+
+def _add_read_routes(app: FastAPI, store: PromptStore, read: Any) -> None:
+    @app.get("/tasks", dependencies=[read], responses=_ERROR_RESPONSES, summary="List tasks (paginated)")
     def list_tasks(cursor: Cursor = "0", limit: Limit = 100) -> dict[str, Any]:
         tasks, next_cursor = store.list_tasks(cursor=cursor, limit=limit)
         return {"tasks": tasks, "next_cursor": next_cursor}
 
-    @app.get("/tasks/{task_id}", dependencies=[Read], responses=_ERROR_RESPONSES, summary="A task's summary")
+    @app.get("/tasks/{task_id}", dependencies=[read], responses=_ERROR_RESPONSES, summary="A task's summary")
     def show_task(task_id: TaskId, version: VersionQ = None) -> dict[str, Any]:
         return {"task_id": task_id, **store.summary(task_id, version)}
 
     @app.get(
         "/tasks/{task_id}/file",
-        dependencies=[Read],
+        dependencies=[read],
         response_class=Response,
         responses={**_ERROR_RESPONSES, 200: {"content": {OCTET_STREAM: {"schema": {"type": "string"}}}}},
         summary="The prompt-set file (export)",
@@ -322,34 +356,14 @@ def create_app(
         return Response(content=data, media_type=OCTET_STREAM, headers=headers)
 
     @app.get(
-        "/tasks/{task_id}/versions", dependencies=[Read], responses=_ERROR_RESPONSES, summary="Kept versions"
+        "/tasks/{task_id}/versions", dependencies=[read], responses=_ERROR_RESPONSES, summary="Kept versions"
     )
     def task_versions(task_id: TaskId) -> dict[str, Any]:
         return {"task_id": task_id, "versions": store.versions(task_id)}
 
-    @app.post(
-        "/tasks/{task_id}/rollback",
-        dependencies=[Write],
-        responses=_ERROR_RESPONSES,
-        summary="Make an earlier version's content current again, as a NEW version",
-    )
-    def rollback(task_id: TaskId, body: RollbackRequest) -> dict[str, Any]:
-        version = store.rollback(task_id, body.version)
-        metrics.changes.labels(action="rollback").inc()
-        return {"task_id": task_id, "version": version, "rolled_back_from": body.version}
 
-    @app.delete(
-        "/tasks/{task_id}",
-        status_code=204,
-        dependencies=[Write],
-        response_class=Response,
-        responses=_ERROR_RESPONSES,
-        summary="Delete a task and all its versions",
-    )
-    def delete_task(task_id: TaskId) -> Response:
-        store.delete(task_id)
-        metrics.changes.labels(action="delete").inc()
-        return Response(status_code=204)
+def _add_ops_routes(app: FastAPI, store: PromptStore, metrics: RegistryMetrics) -> None:
+    info = store.info
 
     @app.get("/healthz", responses={503: _ERROR_RESPONSES[503]}, summary="Liveness and Redis reachability")
     def healthz() -> dict[str, Any]:
@@ -359,5 +373,3 @@ def create_app(
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
     def prometheus() -> Response:
         return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app

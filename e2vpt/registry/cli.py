@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from e2vpt.config import Settings, get_settings
-from e2vpt.core.promptset import PromptSet
+from e2vpt.config import get_settings
 from e2vpt.errors import E2VPTError, RegistryRequestError, RegistryUnreachable
+from e2vpt.registry.client import RegistryClient
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT_NOPERM = 0, 1, 2, 66, 69, 77
 FILE_SUFFIX = ".safetensors"
@@ -49,78 +46,6 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_REFUSED
 
 
-class RegistryClient:
-    """A small typed client of the registry API; every failure is a `RegistryRequestError`/`Unreachable`."""
-
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings | None = None, *, url: str | None = None, token: str | None = None
-    ) -> RegistryClient:
-        from e2vpt.registry.api import read_token
-
-        settings = settings or get_settings()
-        return cls(
-            url or settings.registry_url, token or read_token(settings), settings.registry_client_timeout
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise RegistryUnreachable(f"registry {self.url} unreachable: {exc}") from exc
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-                code, detail = str(body.get("error", "registry_error")), str(body.get("detail", body))
-            except ValueError:
-                code, detail = "registry_error", response.text[:500] or response.reason_phrase
-            raise RegistryRequestError(detail, status=response.status_code, code=code)
-        return response
-
-    def register(self, data: bytes, task_id: str) -> dict[str, Any]:
-        headers = {"Content-Type": "application/octet-stream"}
-        return self._request("PUT", f"/tasks/{task_id}", content=data, headers=headers).json()
-
-    def list_page(self, cursor: str = "0", limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
-        body = self._request("GET", "/tasks", params={"cursor": cursor, "limit": limit}).json()
-        return body["tasks"], body["next_cursor"]
-
-    def iter_tasks(self, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        cursor: str | None = "0"
-        while cursor is not None:
-            tasks, cursor = self.list_page(cursor, page_size)
-            yield from tasks
-
-    def show(self, task_id: str, version: int | None = None) -> dict[str, Any]:
-        params = {"version": version} if version is not None else {}
-        return self._request("GET", f"/tasks/{task_id}", params=params).json()
-
-    def versions(self, task_id: str) -> list[dict[str, Any]]:
-        return self._request("GET", f"/tasks/{task_id}/versions").json()["versions"]
-
-    def file(self, task_id: str, version: int | None = None) -> tuple[bytes, int]:
-        params = {"version": version} if version is not None else {}
-        response = self._request("GET", f"/tasks/{task_id}/file", params=params)
-        return response.content, int(response.headers["X-Task-Version"])
-
-    def rollback(self, task_id: str, version: int) -> dict[str, Any]:
-        return self._request("POST", f"/tasks/{task_id}/rollback", json={"version": version}).json()
-
-    def delete(self, task_id: str) -> None:
-        self._request("DELETE", f"/tasks/{task_id}")
-
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/healthz").json()
-
-
 def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -131,6 +56,8 @@ def _print_json(obj: object) -> None:
 
 def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
     """Upload one file under its own task id (read locally only to learn it; the server validates)."""
+    from e2vpt.core.promptset import PromptSet  # torch: only when a file is registered
+
     data = path.read_bytes()
     task_id = PromptSet.from_bytes(data).task_id
     return client.register(data, task_id)
