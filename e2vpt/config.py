@@ -10,7 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="E2VPT_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="E2VPT_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     # --- backbone -------------------------------------------------------------------------------
     backbone: str = "vit_tiny_patch16_224"
@@ -37,11 +39,23 @@ class Settings(BaseSettings):
     # --- registry HTTP API and `e2vpt tasks` CLI (issue 4) -----------------------------------------
     registry_host: str = "127.0.0.1"
     registry_port: int = 8000
-    registry_url: str = "http://127.0.0.1:8000"  # where the CLI finds the registry API
-    registry_token: str | None = None  # bearer token for writes (prefer registry_token_file)
+    # Where the clients (`e2vpt tasks`, `e2vpt train --register`, the demo) find the registry API, and the
+    # bearer token for writes (prefer registry_token_file). E2VPT_REGISTER_URL / E2VPT_REGISTER_TOKEN, the
+    # training's former names, still work.
+    registry_url: str = Field(
+        default="http://127.0.0.1:8000",
+        validation_alias=AliasChoices("E2VPT_REGISTRY_URL", "E2VPT_REGISTER_URL"),
+    )
+    registry_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("E2VPT_REGISTRY_TOKEN", "E2VPT_REGISTER_TOKEN"),
+    )
     registry_token_file: str | None = None  # a file holding the token (Docker/K8s secret); wins over the env
     registry_auth_reads: bool = False  # reads need the token too
-    registry_client_timeout: float = 30.0  # CLI HTTP timeout, seconds
+    registry_client_timeout: float = Field(  # clients' HTTP timeout, seconds
+        default=30.0,
+        validation_alias=AliasChoices("E2VPT_REGISTRY_CLIENT_TIMEOUT", "E2VPT_REGISTER_TIMEOUT_S"),
+    )
 
     # --- serving: images, engine, prompt cache, metrics (issue 5) ----------------------------------
     # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx.backend).
@@ -90,10 +104,6 @@ class Settings(BaseSettings):
     upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
     # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
     train_out_dir: str = "runs"
-    # Registry API that `e2vpt train --register` PUTs prompt sets to, and its bearer token.
-    register_url: str | None = None
-    register_token: str | None = None
-    register_timeout_s: float = 30.0
 
     # --- ONNX export and the onnxruntime backend (issue 6) ---------------------------------------
     # An exported graph to serve with; None: export once into onnx_cache_dir (keyed by fingerprint

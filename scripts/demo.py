@@ -32,7 +32,7 @@ from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.core.promptset import PromptSet  # noqa: E402
 from e2vpt.dev.localredis import ensure_redis, free_port  # noqa: E402
 from e2vpt.errors import RegistryRequestError  # noqa: E402
-from e2vpt.registry.cli import RegistryClient  # noqa: E402
+from e2vpt.registry.client import RegistryClient  # noqa: E402
 from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
 
 log = logging.getLogger("demo")

@@ -16,9 +16,10 @@ import logging
 import re
 from pathlib import Path
 
-from e2vpt.config import get_settings
+from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone, load_backbone
 from e2vpt.errors import E2VPTError
+from e2vpt.registry.client import read_token
 from training.data import DataSplits, image_folder_splits, vtab_splits, with_transforms
 from training.minivtab import TASKS
 from training.pruning import IMPORTANCE_MODES, REWIND_MODES, PruneConfig
@@ -103,8 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (default: Settings.train_out_dir/<task id>)")
-    o.add_argument("--register", metavar="URL", help="PUT the prompt set to this registry API")
-    o.add_argument("--token", help="registry bearer token (default: Settings.register_token)")
+    _registry_args(o)
     p.set_defaults(func=cmd_train)
 
     u = subparsers.add_parser(
@@ -122,9 +122,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--task-id")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--no-prune", action="store_true")
-    d.add_argument("--register", metavar="URL")
-    d.add_argument("--token")
+    _registry_args(d)
     d.set_defaults(func=cmd_demo)
+
+
+def _registry_args(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--register",
+        nargs="?",
+        const=True,
+        metavar="URL",
+        help="PUT the prompt set to the registry API at URL (default URL: Settings.registry_url)",
+    )
+    group.add_argument("--token", help="registry bearer token (default: Settings.registry_token[_file])")
+
+
+def _registry_target(args: argparse.Namespace, settings: Settings) -> dict[str, str | None]:
+    """run_task's register_url / register_token: none without --register."""
+    if not args.register:
+        return {"register_url": None, "register_token": None}
+    url = settings.registry_url if args.register is True else args.register
+    return {"register_url": url, "register_token": args.token or read_token(settings)}
 
 
 def load_cli_backbone(args: argparse.Namespace) -> Backbone:
@@ -210,8 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             prune=prune,
             grid=grid,
             resume=args.resume,
-            register_url=args.register or settings.register_url,
-            register_token=args.token or settings.register_token,
+            **_registry_target(args, settings),
         )
     except E2VPTError as exc:
         log.error("%s: %s", type(exc).__name__, exc.message)
@@ -239,8 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             args.out,
             task_id=args.task_id,
             prune=not args.no_prune,
-            register_url=args.register or settings.register_url,
-            register_token=args.token or settings.register_token,
+            **_registry_target(args, settings),
         )
     except E2VPTError as exc:
         log.error("%s: %s", type(exc).__name__, exc.message)

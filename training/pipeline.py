@@ -13,9 +13,9 @@ import torch
 
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
+from e2vpt.registry.client import register_prompt_set
 from training.data import DataSplits
 from training.pruning import PruneConfig, PruneResult, prune_and_rewind
-from training.registry import register_prompt_set
 from training.report import plot_curves, plot_importance, write_json
 from training.trainer import TrainConfig, TrainResult, grid_search, initial_prompt_set, train
 

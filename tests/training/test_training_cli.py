@@ -14,7 +14,7 @@ from PIL import Image
 from e2vpt.cli import main
 from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import RegistrationFailed
-from training.registry import register_prompt_set
+from e2vpt.registry.client import register_prompt_set
 
 TINY = [
     "--backbone",
