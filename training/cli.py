@@ -18,12 +18,13 @@ from pathlib import Path
 
 from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone, load_backbone
+from e2vpt.core.method import DEFAULT_RECIPE, SEGMENT_LAYOUTS
 from e2vpt.errors import E2VPTError
 from e2vpt.registry.client import read_token
 from training.data import DataSplits, image_folder_splits, vtab_splits, with_transforms
 from training.minivtab import TASKS
 from training.pruning import IMPORTANCE_MODES, REWIND_MODES, PruneConfig
-from training.trainer import METHODS, OFFICIAL_LRS, OFFICIAL_WDS, TrainConfig
+from training.trainer import METHODS, OFFICIAL_LRS, OFFICIAL_WDS, SELECTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def _floats(text: str) -> list[float]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    tc, pc = TrainConfig(), PruneConfig()  # the defaults, defined once there
     p = subparsers.add_parser("train", help="train a task's E2VPT prompts (or a baseline) on a dataset")
     bb = p.add_argument_group("backbone")
     bb.add_argument("--backbone", help="timm model name, e.g. vit_base_patch16_224.augreg_in21k")
@@ -62,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--final", action="store_true", help="VTAB: train on train800val200 (paper's final run)"
     )
-    data.add_argument("--recipe", choices=("vtab", "fgvc"), default="vtab", help="transform recipe")
+    data.add_argument("--recipe", choices=("vtab", "fgvc"), default=DEFAULT_RECIPE, help="transform recipe")
     data.add_argument(
         "--val-fraction", type=float, default=0.2, help="image folder without val/: held-out share"
     )
@@ -71,36 +73,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--no-verify", action="store_true", help="skip decoding every image up front")
     t = p.add_argument_group("training")
     t.add_argument("--task-id", help="task id (default: from the dataset name)")
-    t.add_argument("--method", choices=METHODS, default="e2vpt")
-    t.add_argument("--prompts", type=int, default=10, help="visual prompt tokens per block (P)")
-    t.add_argument("--kv", type=int, default=5, help="key-value prompt tokens per block (T)")
+    t.add_argument("--method", choices=METHODS, default=tc.method)
+    t.add_argument("--prompts", type=int, default=tc.num_prompts, help="visual prompt tokens per block (P)")
+    t.add_argument("--kv", type=int, default=tc.num_kv, help="key-value prompt tokens per block (T)")
     t.add_argument("--separate-kv", action="store_true", help="separate K and V prompts (default: tied)")
-    t.add_argument("--segments", type=int, default=16, help="segments per visual token (R)")
-    t.add_argument("--segment-layout", choices=("contiguous", "strided"), default="contiguous")
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--warmup", type=int, default=10, help="warm-up epochs")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1.0, help="base lr (peak lr = base * batch / 256)")
-    t.add_argument("--wd", type=float, default=1e-4, help="weight decay (prompts and head weight)")
-    t.add_argument("--dropout", type=float, default=0.1, help="prompt dropout")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--select", choices=("best", "last"), default="best", help="checkpoint selection on val")
+    t.add_argument("--segments", type=int, default=tc.num_segments, help="segments per visual token (R)")
+    t.add_argument("--segment-layout", choices=SEGMENT_LAYOUTS, default=tc.segment_layout)
+    t.add_argument("--epochs", type=int, default=tc.epochs)
+    t.add_argument("--warmup", type=int, default=tc.warmup_epochs, help="warm-up epochs")
+    t.add_argument("--batch-size", type=int, default=tc.batch_size)
+    t.add_argument("--lr", type=float, default=tc.base_lr, help="base lr (peak lr = base * batch / 256)")
+    t.add_argument("--wd", type=float, default=tc.weight_decay, help="weight decay (prompts and head weight)")
+    t.add_argument("--dropout", type=float, default=tc.prompt_dropout, help="prompt dropout")
+    t.add_argument("--seed", type=int, default=tc.seed)
+    t.add_argument("--select", choices=SELECTIONS, default=tc.select, help="checkpoint selection on val")
     t.add_argument("--grid", action="store_true", help="search the official lr x wd grid on train/val first")
     t.add_argument("--grid-lrs", type=_floats, help="comma-separated base lrs for --grid")
     t.add_argument("--grid-wds", type=_floats, help="comma-separated weight decays for --grid")
-    t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    t.add_argument("--workers", type=int, default=tc.num_workers, help="DataLoader workers")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr = p.add_argument_group("pruning (e2vpt / vpt-deep)")
     pr.add_argument("--prune-tokens", type=_ratio, help="fraction of tokens to prune, or 'auto'")
     pr.add_argument("--prune-segments", type=_ratio, help="fraction of each kept token's segments, or 'auto'")
     pr.add_argument(
-        "--importance", choices=IMPORTANCE_MODES, default="abs", help="abs (paper) or signed (official)"
+        "--importance",
+        choices=IMPORTANCE_MODES,
+        default=pc.importance,
+        help="abs (paper) or signed (official)",
     )
-    pr.add_argument("--rewind", choices=REWIND_MODES, default="rewind")
+    pr.add_argument("--rewind", choices=REWIND_MODES, default=pc.rewind)
     pr.add_argument("--rewind-epochs", type=int, help="retraining epochs (default: --epochs)")
     pr.add_argument(
-        "--tolerance", type=float, default=1.0, help="'auto': val points a pruning level may lose"
+        "--tolerance", type=float, default=pc.tolerance, help="'auto': val points a pruning level may lose"
     )
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (default: Settings.train_out_dir/<task id>)")

@@ -67,7 +67,7 @@ def run_task(
         }
     report["config"] = config.to_dict()
     init = initial_prompt_set(task_id, backbone, splits.labels, config)
-    init.config["recipe"] = splits.recipe  # serving applies the same preprocessing
+    init.config = init.config.updated(recipe=splits.recipe)  # serving applies the same preprocessing
     result = train(
         backbone, splits, config, init, checkpoint=out / "checkpoint.pt", resume=resume, desc=config.method
     )
@@ -116,7 +116,7 @@ def run_task(
             "tuned_percent": 100.0 * ps.num_parameters / result.backbone_params,
             "dataset": splits.name,
         }
-        ps.config = {**ps.config, "train": config.to_dict()}
+        ps.config = ps.config.updated(train=config.to_dict())
         ps.validate(backbone.info)
         files["prompt_set"] = ps.save(out / f"{task_id}.safetensors")
         report["prompt_set"] = ps.summary()

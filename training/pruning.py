@@ -83,7 +83,7 @@ class PruneResult:
             "segment_ratio": self.segment_ratio,
             "kept_tokens": kept_indices(self.token_mask),
             "segment_mask": self.segment_mask.int().tolist(),
-            "rewind": self.prompt_set.config.get("rewind"),
+            "rewind": self.prompt_set.config.rewind,
             "before": self.before,
             "after": self.after,
             "search": self.search,
@@ -247,14 +247,13 @@ def prune_and_rewind(
         desc=f"{prune.rewind}",
     )
     masked = retrained.prompts.to_prompt_set(template, pruned=True)
-    masked.config = {
-        **template.config,
-        "token_ratio": token_ratio,
-        "segment_ratio": segment_ratio,
-        "importance": prune.importance,
-        "rewind": prune.rewind,
-        "token_mask": tok_mask.int().tolist(),
-    }
+    masked.config = template.config.updated(
+        token_ratio=token_ratio,
+        segment_ratio=segment_ratio,
+        importance=prune.importance,
+        rewind=prune.rewind,
+        token_mask=tok_mask.int().tolist(),
+    )
     compact = masked.compact()
     before = {
         "val_acc": trained.val_acc,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from e2vpt.core.backbone import Backbone
+from e2vpt.core.method import DEFAULTS as METHOD_DEFAULTS
 from e2vpt.core.model import PromptedViT, TaskPrompts
 from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import InvalidDataset
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("linear", "vpt-deep", "e2vpt", "full")
 OPTIMIZERS = ("sgd", "adamw")
+SELECTIONS = ("best", "last")
 # The official grid (method.md section 7).
 OFFICIAL_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 OFFICIAL_WDS = (0.01, 1e-3, 1e-4, 0.0)
@@ -48,11 +50,12 @@ class TrainConfig:
     """One training run. `num_prompts` / `num_kv` are forced to 0 where the method has none."""
 
     method: str = "e2vpt"
-    num_prompts: int = 10
-    num_kv: int = 5
-    share_kv: bool = True
-    num_segments: int = 16
-    segment_layout: str = "contiguous"
+    # the prompt shape: defaults of e2vpt.core.method.MethodConfig (what the prompt set records)
+    num_prompts: int = METHOD_DEFAULTS.num_prompts
+    num_kv: int = METHOD_DEFAULTS.num_kv
+    share_kv: bool = METHOD_DEFAULTS.share_kv
+    num_segments: int = METHOD_DEFAULTS.num_segments
+    segment_layout: str = METHOD_DEFAULTS.segment_layout
     epochs: int = 100
     warmup_epochs: int = 10
     batch_size: int = 64
@@ -74,7 +77,7 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-        if self.select not in ("best", "last"):
+        if self.select not in SELECTIONS:
             raise ValueError(f"select must be 'best' or 'last', got {self.select!r}")
         if self.method in ("linear", "full"):
             self.num_prompts, self.num_kv = 0, 0

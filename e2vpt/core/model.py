@@ -203,7 +203,7 @@ class TaskPrompts(nn.Module):
             token_mask=ps.token_mask,
             segment_mask=ps.segment_mask,
             segment_layout=ps.segment_layout,
-            num_segments=int(ps.config.get("num_segments", 16)),
+            num_segments=ps.config.num_segments,
         )
 
     def to_prompt_set(self, template: PromptSet, *, pruned: bool | None = None) -> PromptSet:

@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from e2vpt.config import get_settings
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import RECIPES
+from e2vpt.core.method import DEFAULTS, SEGMENT_LAYOUTS, MethodConfig
 from e2vpt.errors import (
     CorruptPromptSet,
     IncompatiblePromptSet,
@@ -43,7 +44,6 @@ FORMAT_VERSION = 1
 META_KEY = "e2vpt"
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SEGMENT_LAYOUTS = ("contiguous", "strided")
 _TENSOR_KEYS = {"visual", "kv", "head_weight", "head_bias"}
 _MASK_KEYS = {"segment_mask", "token_mask"}
 
@@ -88,10 +88,14 @@ class PromptSet:
     segment_mask: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     method: str = "e2vpt"
-    config: dict[str, Any] = field(default_factory=dict)
+    config: MethodConfig = field(default_factory=MethodConfig)
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):  # a JSON object (a file, `replace(ps, config={...})`)
+            self.config = MethodConfig.from_dict(self.config)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -113,11 +117,11 @@ class PromptSet:
     @property
     def recipe(self) -> str:
         """The preprocessing recipe the set was trained with (`e2vpt.core.images.RECIPES`); serving applies it."""
-        return str(self.config.get("recipe", "vtab"))
+        return self.config.preprocessing
 
     @property
     def segment_layout(self) -> str:
-        return str(self.config.get("segment_layout", "contiguous"))
+        return self.config.segment_layout
 
     @property
     def nbytes(self) -> int:
@@ -154,16 +158,17 @@ class PromptSet:
         info: BackboneInfo,
         labels: list[str],
         *,
-        num_prompts: int = 10,
-        num_kv: int = 5,
-        share_kv: bool = True,
-        num_segments: int = 16,
-        segment_layout: str = "contiguous",
+        num_prompts: int = DEFAULTS.num_prompts,
+        num_kv: int = DEFAULTS.num_kv,
+        share_kv: bool = DEFAULTS.share_kv,
+        num_segments: int = DEFAULTS.num_segments,
+        segment_layout: str = DEFAULTS.segment_layout,
         method: str = "e2vpt",
         generator: torch.Generator | None = None,
-        config: dict[str, Any] | None = None,
+        config: MethodConfig | dict[str, Any] | None = None,
     ) -> PromptSet:
-        """A fresh set with the paper's initialisation.
+        """A fresh set with the paper's initialisation. `config` adds keys (e.g. the recipe); the shape
+        arguments win over its shape fields.
 
         visual: U(+-sqrt(6 / (3*ph*pw + D))); kv: kaiming-uniform over fan_in T*Dh, U(+-sqrt(6 / (T*Dh)));
         head: weight trunc-normal(std 0.02) as timm's heads, bias 0 (not the official -log(99)).
@@ -180,14 +185,13 @@ class PromptSet:
         kv = uniform((L, 1 if share_kv else 2, H, num_kv, Dh), kv_bound)
         head_weight = torch.empty(C, D)
         torch.nn.init.trunc_normal_(head_weight, std=0.02, a=-0.04, b=0.04, generator=generator)
-        cfg = {
-            "num_prompts": num_prompts,
-            "num_kv": num_kv,
-            "share_kv": share_kv,
-            "num_segments": num_segments,
-            "segment_layout": segment_layout,
-            **(config or {}),
-        }
+        cfg = MethodConfig.from_dict(config).updated(
+            num_prompts=num_prompts,
+            num_kv=num_kv,
+            share_kv=share_kv,
+            num_segments=num_segments,
+            segment_layout=segment_layout,
+        )
         return cls(
             task_id=task_id,
             visual=visual,
@@ -208,7 +212,7 @@ class PromptSet:
         The result gives exactly the logits of this set run with its masks.
         """
         visual, segment_mask = self.visual, self.segment_mask
-        cfg = dict(self.config)
+        cfg = self.config.to_dict()
         if self.token_mask is not None:
             keep = self.token_mask.bool()
             visual = visual[:, keep]
@@ -264,7 +268,7 @@ class PromptSet:
             "backbone": self.backbone,
             "fingerprint": self.fingerprint,
             "method": self.method,
-            "config": self.config,
+            "config": self.config.to_dict(),
             "metrics": self.metrics,
             "created_at": self.created_at,
         }
@@ -354,7 +358,7 @@ class PromptSet:
         for key in ("backbone", "fingerprint", "method"):
             if not isinstance(getattr(self, key), str):
                 raise InvalidPromptSet(f"metadata field {key!r} must be a string")
-        if not isinstance(self.config, dict) or not isinstance(self.metrics, dict):
+        if not isinstance(self.config, MethodConfig) or not isinstance(self.metrics, dict):
             raise InvalidPromptSet("metadata fields 'config' and 'metrics' must be objects")
         if self.recipe not in RECIPES:
             raise InvalidPromptSet(f"unknown preprocessing recipe {self.recipe!r}; expected one of {RECIPES}")
