@@ -8,6 +8,8 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -21,10 +23,10 @@ class Settings(BaseSettings):
     device: str = "cpu"
 
     # --- prompt sets ----------------------------------------------------------------------------
-    max_prompt_set_bytes: int = 64 * 1024 * 1024
-    max_prompt_tokens: int = 256
-    max_kv_tokens: int = 256
-    max_classes: int = 100_000
+    max_prompt_set_bytes: int = DEFAULT_LIMITS.max_bytes
+    max_prompt_tokens: int = DEFAULT_LIMITS.max_prompt_tokens
+    max_kv_tokens: int = DEFAULT_LIMITS.max_kv_tokens
+    max_classes: int = DEFAULT_LIMITS.max_classes
 
     # --- Redis prompt store ---------------------------------------------------------------------
     redis_url: str = Field(
@@ -123,6 +125,16 @@ class Settings(BaseSettings):
     onnx_exporter: str = "dynamo"
     # onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     onnx_threads: int = 0
+
+    @property
+    def prompt_limits(self) -> PromptLimits:
+        """The prompt-set limits the core checks against (passed to it by the settings' owners)."""
+        return PromptLimits(
+            max_bytes=self.max_prompt_set_bytes,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_kv_tokens=self.max_kv_tokens,
+            max_classes=self.max_classes,
+        )
 
     @property
     def onnx_limits(self) -> tuple[int, int]:

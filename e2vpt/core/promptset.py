@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from e2vpt.config import get_settings
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import RECIPES
+from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.method import DEFAULTS, SEGMENT_LAYOUTS, MethodConfig
 from e2vpt.errors import (
     CorruptPromptSet,
@@ -299,18 +299,23 @@ class PromptSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, max_bytes: int | None = None) -> PromptSet:
+    def load(
+        cls, path: str | Path, *, limits: PromptLimits = DEFAULT_LIMITS, max_bytes: int | None = None
+    ) -> PromptSet:
         path = Path(path)
-        limit = max_bytes if max_bytes is not None else get_settings().max_prompt_set_bytes
+        limit = max_bytes if max_bytes is not None else limits.max_bytes
         size = path.stat().st_size
         if size > limit:
             raise PromptSetTooLarge(f"{path} is {size} bytes; the limit is {limit}")
-        return cls.from_bytes(path.read_bytes(), max_bytes=limit)
+        return cls.from_bytes(path.read_bytes(), limits=limits, max_bytes=limit)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_bytes: int | None = None) -> PromptSet:
-        """Parse and structurally check a prompt-set file; `validate(info)` checks it against a backbone."""
-        limit = max_bytes if max_bytes is not None else get_settings().max_prompt_set_bytes
+    def from_bytes(
+        cls, data: bytes, *, limits: PromptLimits = DEFAULT_LIMITS, max_bytes: int | None = None
+    ) -> PromptSet:
+        """Parse and structurally check a prompt-set file; `validate(info)` checks it against a backbone.
+        `max_bytes` overrides `limits.max_bytes`."""
+        limit = max_bytes if max_bytes is not None else limits.max_bytes
         if len(data) > limit:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
         meta = _read_metadata(data)
@@ -342,13 +347,12 @@ class PromptSet:
             )
         except KeyError as exc:
             raise InvalidPromptSet(f"metadata lacks field {exc.args[0]!r}") from exc
-        ps.check_structure()
+        ps.check_structure(limits)
         return ps
 
     # ------------------------------------------------------------------ validation
-    def check_structure(self) -> None:
+    def check_structure(self, limits: PromptLimits = DEFAULT_LIMITS) -> None:
         """Everything that can be checked without a backbone. Raises a typed `InvalidPromptSet`."""
-        settings = get_settings()
         if self.format_version != FORMAT_VERSION:
             raise UnsupportedFormatVersion(
                 f"format version {self.format_version!r} is not supported "
@@ -394,12 +398,9 @@ class PromptSet:
             raise InvalidPromptSet(f"head_bias is {tuple(self.head_bias.shape)}; expected [{C}]")
         if C < 1 or len(self.labels) != C:
             raise InvalidPromptSet(f"{len(self.labels)} labels for a head with {C} classes")
-        limits = (settings.max_prompt_tokens, settings.max_kv_tokens, settings.max_classes)
-        if any(n > limit for n, limit in zip((P, T, C), limits, strict=True)):
-            raise PromptSetTooLarge(
-                f"P={P}, T={T}, C={C} exceed the limits {settings.max_prompt_tokens}/"
-                f"{settings.max_kv_tokens}/{settings.max_classes}"
-            )
+        caps = (limits.max_prompt_tokens, limits.max_kv_tokens, limits.max_classes)
+        if any(n > cap for n, cap in zip((P, T, C), caps, strict=True)):
+            raise PromptSetTooLarge(f"P={P}, T={T}, C={C} exceed the limits {caps[0]}/{caps[1]}/{caps[2]}")
         if self.token_mask is not None and tuple(self.token_mask.shape) != (P,):
             raise InvalidPromptSet(f"token_mask is {tuple(self.token_mask.shape)}; expected [{P}]")
         if self.segment_mask is not None:
@@ -418,9 +419,9 @@ class PromptSet:
             if not bool(torch.isfinite(t).all()):
                 raise InvalidPromptSet(f"{key} contains NaN or infinite values")
 
-    def validate(self, info: BackboneInfo | None = None) -> PromptSet:
+    def validate(self, info: BackboneInfo | None = None, limits: PromptLimits = DEFAULT_LIMITS) -> PromptSet:
         """Structure, and (given a backbone) that it was made for exactly this backbone. Returns self."""
-        self.check_structure()
+        self.check_structure(limits)
         if info is None:
             return self
         if self.fingerprint != info.fingerprint:

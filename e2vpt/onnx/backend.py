@@ -14,6 +14,7 @@ exactly zero attention weight and is dropped before pooling, so results do not c
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -178,12 +179,19 @@ class OnnxBackend:
         return out
 
 
+def onnx_cache_path(backbone: Backbone, settings: Settings) -> Path:
+    """Where `create_backend` keeps the graph it exports: one file per fingerprint and export options."""
+    s = settings
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.info.fingerprint)
+    max_p, max_t = s.onnx_limits
+    name = f"{key}-p{max_p}-t{max_t}-o{s.onnx_opset}-{s.onnx_exporter}"
+    return Path(s.onnx_cache_dir).expanduser() / f"{name}{'-fp16' if s.onnx_fp16 else ''}.onnx"
+
+
 def create_backend(backbone: Backbone, settings: Settings) -> OnnxBackend:
     """The onnxruntime backend from settings: serve `onnx_path` when set (checked against the backbone's
     fingerprint), else export once to `onnx_cache_path` (atomic rename, so concurrent workers never read
     a partial file) and reuse it. A float16 backbone (serving_dtype) gets an fp16 graph."""
-    from e2vpt.serving.backends import onnx_cache_path
-
     if settings.onnx_path:
         path = Path(settings.onnx_path).expanduser()
     else:
@@ -198,5 +206,6 @@ def create_backend(backbone: Backbone, settings: Settings) -> OnnxBackend:
                 opset=settings.onnx_opset,
                 fp16=fp16,
                 exporter=settings.onnx_exporter,
+                limits=settings.prompt_limits,
             )
     return OnnxBackend(backbone, path, settings.onnx_providers or None, threads=settings.onnx_threads)

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from e2vpt.config import get_settings
 from e2vpt.core.backbone import Backbone, BackboneInfo, check_supported, load_backbone
+from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.model import PromptedViT
 from e2vpt.errors import ExportError
 
@@ -101,6 +102,7 @@ def check_exportable(
     opset: int,
     exporter: str = "dynamo",
     fp16: bool = False,
+    limits: PromptLimits = DEFAULT_LIMITS,
 ) -> None:
     """Refuse what the graph cannot express, before spending time on an export."""
     vit = backbone.model
@@ -133,10 +135,9 @@ def check_exportable(
             f"{backbone.info.name} has {weight_bytes / 1e9:.2f} GB of weights: single-file ONNX graphs are "
             "limited to 2 GB (protobuf); export with fp16=True or use a smaller backbone"
         )
-    limit = get_settings()
     for name, value, cap in (
-        ("max_prompts", max_prompts, limit.max_prompt_tokens),
-        ("max_kv", max_kv, limit.max_kv_tokens),
+        ("max_prompts", max_prompts, limits.max_prompt_tokens),
+        ("max_kv", max_kv, limits.max_kv_tokens),
     ):
         if not isinstance(value, int) or value < 0 or value > cap:
             raise ExportError(f"{name} must be an integer in 0..{cap}, got {value!r}")
@@ -227,6 +228,7 @@ def export_onnx(
     fp16: bool = False,
     exporter: str = "dynamo",
     verify: bool = True,
+    limits: PromptLimits = DEFAULT_LIMITS,
 ) -> Path:
     """Export `PromptedViT.forward_features` of `backbone` to `path` (see the module docstring).
 
@@ -235,7 +237,13 @@ def export_onnx(
     results differ by more than 1e-3 in float32).
     """
     check_exportable(
-        backbone, max_prompts=max_prompts, max_kv=max_kv, opset=opset, exporter=exporter, fp16=fp16
+        backbone,
+        max_prompts=max_prompts,
+        max_kv=max_kv,
+        opset=opset,
+        exporter=exporter,
+        fp16=fp16,
+        limits=limits,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +360,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         exporter=args.exporter,
         verify=not args.no_verify,
+        limits=get_settings().prompt_limits,
     )
     summary: dict[str, Any] = {"path": str(out), "bytes": out.stat().st_size, **onnx_metadata(out)}
     summary.pop("backbone", None)

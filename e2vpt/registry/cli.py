@@ -59,7 +59,7 @@ def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
     from e2vpt.core.promptset import PromptSet  # torch: only when a file is registered
 
     data = path.read_bytes()
-    task_id = PromptSet.from_bytes(data).task_id
+    task_id = PromptSet.from_bytes(data, limits=get_settings().prompt_limits).task_id
     return client.register(data, task_id)
 
 

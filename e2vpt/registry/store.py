@@ -38,6 +38,7 @@ import redis.exceptions as rexc
 
 from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import BackboneInfo
+from e2vpt.core.limits import PromptLimits
 from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import (
     BadRequest,
@@ -263,7 +264,7 @@ class PromptStore:
 
     @classmethod
     def from_settings(cls, info: BackboneInfo, settings: Settings | None = None) -> PromptStore:
-        """The store the settings name (Redis URL, namespace, kept versions, timeouts) for `info`."""
+        """The store the settings name (Redis URL, namespace, kept versions, timeouts, limits) for `info`."""
         s = settings or get_settings()
         return cls(
             s.redis_url,
@@ -271,6 +272,7 @@ class PromptStore:
             namespace=s.store_namespace,
             keep_versions=s.keep_versions,
             socket_timeout=s.store_socket_timeout,
+            limits=s.prompt_limits if settings is not None else None,
         )
 
     def __init__(
@@ -281,9 +283,11 @@ class PromptStore:
         namespace: str | None = None,
         keep_versions: int | None = None,
         socket_timeout: float | None = None,
+        limits: PromptLimits | None = None,
     ) -> None:
         settings = get_settings()
         self.info = info
+        self._limits = limits
         self.namespace = namespace if namespace is not None else settings.store_namespace
         self.keep_versions = int(keep_versions if keep_versions is not None else settings.keep_versions)
         if self.keep_versions < 1:
@@ -325,6 +329,11 @@ class PromptStore:
             pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":*"
             return sorted(self.client.scan_iter(match=pattern, count=1000))
 
+    @property
+    def limits(self) -> PromptLimits:
+        """The prompt-set limits it checks with: those given, else the process settings' at each call."""
+        return self._limits or get_settings().prompt_limits
+
     def drop_all(self) -> int:
         """Delete every key of this namespace and backbone (publishes nothing). Returns the number deleted."""
         keys = self.all_keys()
@@ -334,9 +343,10 @@ class PromptStore:
     # ------------------------------------------------------------------ writes
     def register(self, ps: PromptSet) -> int:
         """Validate against this backbone, then store as the task's new current version (atomic)."""
-        ps.validate(self.info)
+        limits = self.limits
+        ps.validate(self.info, limits)
         data = ps.to_bytes()
-        limit = get_settings().max_prompt_set_bytes
+        limit = limits.max_bytes
         if len(data) > limit:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
         return self._write(ps, data)
@@ -348,7 +358,8 @@ class PromptStore:
         """
         if task_id is not None:
             check_task_id(task_id)
-        ps = PromptSet.from_bytes(data).validate(self.info)
+        limits = self.limits
+        ps = PromptSet.from_bytes(data, limits=limits).validate(self.info, limits)
         if task_id is not None and ps.task_id != task_id:
             raise TaskIdMismatch(f"the file is task {ps.task_id!r}, uploaded as {task_id!r}")
         return ps, self._write(ps, ps.to_bytes())
@@ -416,7 +427,8 @@ class PromptStore:
     def get(self, task_id: str, version: int | None = None) -> tuple[PromptSet, int]:
         """The prompt set (validated against this backbone, as at registration) and its version."""
         data, v = self.get_bytes(task_id, version)
-        return PromptSet.from_bytes(data).validate(self.info), v
+        limits = self.limits
+        return PromptSet.from_bytes(data, limits=limits).validate(self.info, limits), v
 
     def current_version(self, task_id: str) -> int | None:
         """The current version of a task, or None: one HGET, no blob (the replicas' cheap check)."""

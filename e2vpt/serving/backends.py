@@ -6,8 +6,6 @@ applies the per-task heads itself (`TaskBatch.logits`), so every backend gives t
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -46,15 +44,6 @@ class TorchBackend:
 
 
 BACKENDS = ("torch", "onnxruntime")
-
-
-def onnx_cache_path(backbone: Backbone, settings: Settings) -> Path:
-    """Where `make_backend` keeps the graph it exports: one file per fingerprint and export options."""
-    s = settings
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone.info.fingerprint)
-    max_p, max_t = s.onnx_limits
-    name = f"{key}-p{max_p}-t{max_t}-o{s.onnx_opset}-{s.onnx_exporter}"
-    return Path(s.onnx_cache_dir).expanduser() / f"{name}{'-fp16' if s.onnx_fp16 else ''}.onnx"
 
 
 def make_backend(kind: str, backbone: Backbone, settings: Settings) -> FeatureBackend:

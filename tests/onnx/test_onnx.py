@@ -25,9 +25,9 @@ from e2vpt.errors import (
     UnsupportedBackbone,
     http_status,
 )
-from e2vpt.onnx.backend import OnnxBackend, create_backend
+from e2vpt.onnx.backend import OnnxBackend, create_backend, onnx_cache_path
 from e2vpt.onnx.export import INPUT_NAMES, check_exportable, export_onnx, onnx_metadata, verify_export
-from e2vpt.serving.backends import TorchBackend, make_backend, onnx_cache_path
+from e2vpt.serving.backends import TorchBackend, make_backend
 
 MAX_P, MAX_T = 4, 4
 FP32_ATOL = 1e-3
