@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -166,80 +166,56 @@ def prune_and_rewind(
     P, R = prompts.segment_mask.shape
     if P == 0:
         raise ValueError("nothing to prune: the task has no visual prompts")
-    ones_t, ones_s = torch.ones(P), torch.ones(P, R)
-    ref = _masked_val(model, prompts, splits.val, ones_t, ones_s)
+    ones_s = torch.ones(P, R)
     search: dict[str, list[dict[str, float]]] = {}
 
-    tok_scores, _ = importance(
-        model, prompts, splits.train, mode=prune.importance, batch_size=prune.importance_batch_size
+    def val_with(tok: Tensor, seg: Tensor) -> float:
+        return _masked_val(model, prompts, splits.val, tok, seg)
+
+    def scores() -> tuple[Tensor, Tensor]:
+        return importance(
+            model, prompts, splits.train, mode=prune.importance, batch_size=prune.importance_batch_size
+        )
+
+    ref = val_with(torch.ones(P), ones_s)
+    tok_scores, _ = scores()
+    token_ratio = _choose_ratio(
+        prune.token_ratio,
+        prune.token_grid,
+        lambda r: val_with(token_mask_from_scores(tok_scores, r), ones_s),
+        lambda: ref,
+        prune.tolerance,
+        search,
+        "token",
     )
-    if prune.token_ratio is None:
-        rows = [
-            {
-                "ratio": r,
-                "val_acc": _masked_val(
-                    model, prompts, splits.val, token_mask_from_scores(tok_scores, r), ones_s
-                ),
-            }
-            for r in prune.token_grid
-        ]
-        search["token"] = rows
-        token_ratio = _pick(rows, ref, prune.tolerance)
-    else:
-        token_ratio = prune.token_ratio
     tok_mask = token_mask_from_scores(tok_scores, token_ratio)
 
-    with torch.no_grad():
+    with torch.no_grad():  # segment importance of the kept tokens only
         prompts.token_mask.copy_(tok_mask)
-    _, seg_scores = importance(
-        model, prompts, splits.train, mode=prune.importance, batch_size=prune.importance_batch_size
-    )
+    _, seg_scores = scores()
     with torch.no_grad():
         prompts.token_mask.fill_(1)
-    if prune.segment_ratio is None:
-        tok_ref = _masked_val(model, prompts, splits.val, tok_mask, ones_s)
-        rows = [
-            {
-                "ratio": r,
-                "val_acc": _masked_val(
-                    model, prompts, splits.val, tok_mask, segment_mask_from_scores(seg_scores, tok_mask, r)
-                ),
-            }
-            for r in prune.segment_grid
-        ]
-        search["segment"] = rows
-        segment_ratio = _pick(rows, tok_ref, prune.tolerance)
-    else:
-        segment_ratio = prune.segment_ratio
+    segment_ratio = _choose_ratio(
+        prune.segment_ratio,
+        prune.segment_grid,
+        lambda r: val_with(tok_mask, segment_mask_from_scores(seg_scores, tok_mask, r)),
+        lambda: val_with(tok_mask, ones_s),
+        prune.tolerance,
+        search,
+        "segment",
+    )
     seg_mask = segment_mask_from_scores(seg_scores, tok_mask, segment_ratio)
-    pruned_val = _masked_val(model, prompts, splits.val, tok_mask, seg_mask)
+    pruned_val = val_with(tok_mask, seg_mask)
     log.info(
         "pruned %d/%d tokens and %.0f%% of kept segments: val %.2f -> %.2f before rewinding",
         int(P - tok_mask.sum()), P, 100 * segment_ratio, ref, pruned_val,
     )  # fmt: skip
 
-    # Rewinding: which values the retraining starts from.
-    if prune.rewind == "rewind":
-        start = _with_state(template, trained.init_state)
-    elif prune.rewind == "reinit":
-        start = initial_prompt_set(template.task_id, backbone, template.labels, config, seed=config.seed + 1)
-        start = replace(
-            template,
-            visual=start.visual,
-            kv=start.kv,
-            head_weight=start.head_weight,
-            head_bias=start.head_bias,
-        )
-    else:
-        start = trained.prompts.to_prompt_set(template, pruned=False)
-    rcfg = replace(config, epochs=prune.rewind_epochs or config.epochs)
-    if prune.rewind_epochs:
-        rcfg.warmup_epochs = min(config.warmup_epochs, prune.rewind_epochs)
     retrained = train(
         backbone,
         splits,
-        rcfg,
-        start,
+        _retrain_config(config, prune),
+        _rewind_start(backbone, trained, template, config, prune.rewind),
         token_mask=tok_mask,
         segment_mask=seg_mask,
         checkpoint=checkpoint,
@@ -281,6 +257,51 @@ def prune_and_rewind(
         retrain=retrained,
         search=search,
     )
+
+
+def _choose_ratio(
+    fixed: float | None,
+    grid: Sequence[float],
+    val_at: Callable[[float], float],
+    reference: Callable[[], float],
+    tolerance: float,
+    search: dict[str, list[dict[str, float]]],
+    name: str,
+) -> float:
+    """The pruning ratio: `fixed`, or (None) the grid searched on val against `reference` (the rows are
+    recorded in `search[name]`)."""
+    if fixed is not None:
+        return fixed
+    ref = reference()
+    rows = [{"ratio": r, "val_acc": val_at(r)} for r in grid]
+    search[name] = rows
+    return _pick(rows, ref, tolerance)
+
+
+def _rewind_start(
+    backbone: Backbone, trained: TrainResult, template: PromptSet, config: TrainConfig, rewind: str
+) -> PromptSet:
+    """Which values the retraining starts from: the initial ones (`rewind`), fresh ones (`reinit`) or the
+    trained ones (`finetune`)."""
+    if rewind == "rewind":
+        return _with_state(template, trained.init_state)
+    if rewind == "reinit":
+        start = initial_prompt_set(template.task_id, backbone, template.labels, config, seed=config.seed + 1)
+        return replace(
+            template,
+            visual=start.visual,
+            kv=start.kv,
+            head_weight=start.head_weight,
+            head_bias=start.head_bias,
+        )
+    return trained.prompts.to_prompt_set(template, pruned=False)
+
+
+def _retrain_config(config: TrainConfig, prune: PruneConfig) -> TrainConfig:
+    rcfg = replace(config, epochs=prune.rewind_epochs or config.epochs)
+    if prune.rewind_epochs:
+        rcfg.warmup_epochs = min(config.warmup_epochs, prune.rewind_epochs)
+    return rcfg
 
 
 def _with_state(template: PromptSet, state: dict[str, Tensor]) -> PromptSet:

@@ -252,6 +252,20 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ training
+@dataclass
+class _Run:
+    """The mutable state of one `train` call: what a checkpoint saves and a resume restores."""
+
+    prompts: TaskPrompts
+    model: PromptedViT
+    optimizer: torch.optim.Optimizer
+    init_state: dict[str, Tensor]
+    best: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    spent: float = 0.0  # seconds of earlier calls (a resumed run)
+
+
 def train(
     backbone: Backbone,
     splits: DataSplits,
@@ -272,10 +286,61 @@ def train(
     `checkpoint`: written after every epoch (atomic); with `resume=True` an existing one is continued.
     `stop_after`: return after that many epochs of this call (a time-limited job; resume later).
     """
-    device = backbone.device
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    prompts = TaskPrompts.from_prompt_set(init, prompt_dropout=config.prompt_dropout).to(device)
+    run = _start(backbone, config, init, token_mask, segment_mask)
+    data = train_set if train_set is not None else splits.train
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    if not steps_per_epoch:
+        raise InvalidDataset("the training split is empty")
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and resume and ckpt.is_file():
+        _resume(run, ckpt)
+        log.info("%s: resumed from %s at epoch %d", desc, ckpt, run.start_epoch + 1)
+    t0 = time.perf_counter()
+    for epoch in range(run.start_epoch, config.epochs):
+        if stop_after is not None and epoch - run.start_epoch >= stop_after:
+            break
+        fit = _train_epoch(run, data, config, epoch, steps_per_epoch, backbone.device, desc)
+        val_acc, val_loss = evaluate(run.model, run.prompts, splits.val)
+        row = {
+            "epoch": fit["epoch"],
+            "train_loss": fit["train_loss"],
+            "train_acc": fit["train_acc"],
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": fit["lr"],
+        }
+        run.history.append(row)
+        if row["val_acc"] > run.best["acc"]:
+            run.best = {
+                "epoch": epoch + 1,
+                "acc": row["val_acc"],
+                "loss": row["val_loss"],
+                "state": _state(run.prompts, run.model, config.method),
+            }
+        log.info(
+            "%s epoch %d/%d: train loss %.4f acc %.1f | val loss %.4f acc %.2f | lr %.4g",
+            desc, epoch + 1, config.epochs, row["train_loss"], row["train_acc"], row["val_loss"],
+            row["val_acc"], row["lr"],
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(row)
+        if ckpt is not None:
+            _save_checkpoint(run, config, epoch, run.spent + time.perf_counter() - t0, ckpt)
+    return _finish(run, backbone, splits, config, run.spent + time.perf_counter() - t0)
+
+
+def _start(
+    backbone: Backbone,
+    config: TrainConfig,
+    init: PromptSet,
+    token_mask: Tensor | None,
+    segment_mask: Tensor | None,
+) -> _Run:
+    """Prompts from `init` (masks fixed where given), the model (an unfrozen copy for `full`), the
+    optimizer; nothing trained yet."""
+    prompts = TaskPrompts.from_prompt_set(init, prompt_dropout=config.prompt_dropout).to(backbone.device)
     with torch.no_grad():
         if token_mask is not None:
             prompts.token_mask.copy_(token_mask)
@@ -292,97 +357,84 @@ def train(
         optimizer = torch.optim.AdamW(param_groups(prompts, model, config), lr=0.0)
     else:
         optimizer = torch.optim.SGD(param_groups(prompts, model, config), lr=0.0, momentum=config.momentum)
-    data = train_set if train_set is not None else splits.train
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    if not steps_per_epoch:
-        raise InvalidDataset("the training split is empty")
+    best = {"epoch": -1, "acc": -1.0, "loss": math.inf, "state": _state(prompts, model, config.method)}
+    return _Run(prompts, model, optimizer, init_state, best)
+
+
+def _resume(run: _Run, ckpt: Path) -> None:
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    _load_state(run.prompts, run.model, saved["state"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.history, run.best, run.start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
+    run.init_state, run.spent = saved["init_state"], saved["seconds"]
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate((saved["py_rng"][0], tuple(saved["py_rng"][1]), saved["py_rng"][2]))
+
+
+def _train_epoch(
+    run: _Run,
+    data: Dataset,
+    config: TrainConfig,
+    epoch: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over the training split (lr set per step): epoch, train loss and accuracy, last lr."""
+    model, prompts, optimizer = run.model, run.prompts, run.optimizer
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = steps_per_epoch * min(config.warmup_epochs, config.epochs - 1)
-    history: list[dict[str, float]] = []
-    best = {"epoch": -1, "acc": -1.0, "loss": math.inf, "state": _state(prompts, model, config.method)}
-    start_epoch, spent = 0, 0.0
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and resume and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        _load_state(prompts, model, saved["state"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history, best, start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
-        init_state, spent = saved["init_state"], saved["seconds"]
-        torch.set_rng_state(saved["torch_rng"])
-        random.setstate((saved["py_rng"][0], tuple(saved["py_rng"][1]), saved["py_rng"][2]))
-        log.info("%s: resumed from %s at epoch %d", desc, ckpt, start_epoch + 1)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        if stop_after is not None and epoch - start_epoch >= stop_after:
-            break
-        model.train()
-        prompts.train()
-        batches = loader(data, config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch)
-        bar = tqdm(
-            batches, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress
-        )
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total_steps, warmup_steps, config.lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = x.to(device), y.to(device)
-            logits = model.forward_task(x, prompts)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-        if not math.isfinite(loss_sum):
-            log.warning("%s: loss diverged at epoch %d (lr %.3g)", desc, epoch + 1, config.lr)
-        val_acc, val_loss = evaluate(model, prompts, splits.val)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_acc": 100.0 * correct / seen,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": lr,
-        }
-        history.append(row)
-        if val_acc > best["acc"]:
-            best = {
-                "epoch": epoch + 1,
-                "acc": val_acc,
-                "loss": val_loss,
-                "state": _state(prompts, model, config.method),
-            }
-        log.info(
-            "%s epoch %d/%d: train loss %.4f acc %.1f | val loss %.4f acc %.2f | lr %.4g",
-            desc, epoch + 1, config.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, lr,
-        )  # fmt: skip
-        if on_epoch is not None:
-            on_epoch(row)
-        if ckpt is not None:
-            py = random.getstate()
-            _atomic_save(
-                {
-                    "epoch": epoch,
-                    "state": _state(prompts, model, config.method),
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                    "best": best,
-                    "init_state": init_state,
-                    "seconds": spent + time.perf_counter() - t0,
-                    "torch_rng": torch.get_rng_state(),
-                    "py_rng": [py[0], list(py[1]), py[2]],
-                    "config": config.to_dict(),
-                },
-                ckpt,
-            )
-    seconds = spent + time.perf_counter() - t0
-    if config.select == "best" and best["epoch"] > 0:
-        _load_state(prompts, model, best["state"])
-        best_epoch = best["epoch"]
+    model.train()
+    prompts.train()
+    batches = loader(data, config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch)
+    bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress)
+    loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
+    for i, (x, y) in enumerate(bar):
+        lr = lr_at(epoch * steps_per_epoch + i, total_steps, warmup_steps, config.lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = x.to(device), y.to(device)
+        logits = model.forward_task(x, prompts)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    if not math.isfinite(loss_sum):
+        log.warning("%s: loss diverged at epoch %d (lr %.3g)", desc, epoch + 1, config.lr)
+    return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen, "lr": lr}
+
+
+def _save_checkpoint(run: _Run, config: TrainConfig, epoch: int, seconds: float, ckpt: Path) -> None:
+    py = random.getstate()
+    _atomic_save(
+        {
+            "epoch": epoch,
+            "state": _state(run.prompts, run.model, config.method),
+            "optimizer": run.optimizer.state_dict(),
+            "history": run.history,
+            "best": run.best,
+            "init_state": run.init_state,
+            "seconds": seconds,
+            "torch_rng": torch.get_rng_state(),
+            "py_rng": [py[0], list(py[1]), py[2]],
+            "config": config.to_dict(),
+        },
+        ckpt,
+    )
+
+
+def _finish(
+    run: _Run, backbone: Backbone, splits: DataSplits, config: TrainConfig, seconds: float
+) -> TrainResult:
+    """Select (best or last), evaluate on val and test, and count the parameters."""
+    prompts, model, history = run.prompts, run.model, run.history
+    if config.select == "best" and run.best["epoch"] > 0:
+        _load_state(prompts, model, run.best["state"])
+        best_epoch = run.best["epoch"]
     else:
         best_epoch = history[-1]["epoch"] if history else 0
     model.eval()
@@ -401,7 +453,7 @@ def train(
         tuned_params=tuned_param_count(prompts, model if config.method == "full" else None),
         backbone_params=backbone_param_count(backbone),
         train_seconds=seconds,
-        init_state=init_state,
+        init_state=run.init_state,
     )
 
 
