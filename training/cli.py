@@ -233,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             prune=prune,
             grid=grid,
             resume=args.resume,
+            limits=settings.prompt_limits,
             **_registry_target(args, settings),
         )
     except E2VPTError as exc:

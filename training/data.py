@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from e2vpt.core.backbone import BackboneInfo
@@ -136,9 +136,6 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
-
-    def trainval(self) -> Dataset:
-        return ConcatDataset([self.train, self.val])
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test) if self.test else 0}

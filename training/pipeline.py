@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from e2vpt.core.backbone import Backbone
+from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.promptset import PromptSet
 from e2vpt.registry.client import register_prompt_set
 from training.data import DataSplits
@@ -46,7 +47,10 @@ def run_task(
     register_url: str | None = None,
     register_token: str | None = None,
     extra: dict[str, Any] | None = None,
+    limits: PromptLimits = DEFAULT_LIMITS,
 ) -> TaskRun:
+    """Train (after an lr x wd grid search with `grid`), prune and rewind (with `prune`), write the
+    prompt set, plots and report.json into `out_dir`, and register the set (with `register_url`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -76,50 +80,23 @@ def run_task(
     histories = {"train": result.history}
     ps: PromptSet | None = None
     pr: PruneResult | None = None
-    if config.method != "full":
-        ps = result.prompts.to_prompt_set(init, pruned=False)
-        ps.metrics = {
+    if config.method == "full":
+        report["result"] = {
             "val_acc": result.val_acc,
             "test_acc": result.test_acc,
             "tuned_params": result.tuned_params,
+            "tuned_percent": result.tuned_percent,
+            "note": "full fine-tuning is the upper reference; it produces no prompt set",
         }
+    else:
         if prune is not None:
-            if config.method == "linear":
-                log.warning("linear has no visual prompts: pruning skipped")
-            else:
-                pr = prune_and_rewind(
-                    backbone,
-                    splits,
-                    result,
-                    init,
-                    config,
-                    prune,
-                    checkpoint=out / "rewind_checkpoint.pt",
-                    resume=resume,
-                )
-                ps = pr.prompt_set
-                histories[prune.rewind] = pr.retrain.history
-                report["prune"] = {**pr.summary(), "history": pr.retrain.history}
-                files["importance_png"] = plot_importance(
-                    pr.token_importance,
-                    pr.segment_importance,
-                    pr.token_mask,
-                    pr.segment_mask,
-                    out / "importance.png",
-                )
-        final = pr.retrain if pr is not None else result
-        ps.metrics = {
-            **ps.metrics,
-            "val_acc": final.val_acc,
-            "test_acc": final.test_acc,
-            "tuned_params": ps.num_parameters,
-            "tuned_percent": 100.0 * ps.num_parameters / result.backbone_params,
-            "dataset": splits.name,
-        }
-        ps.config = ps.config.updated(train=config.to_dict())
-        ps.validate(backbone.info)
+            pr = _prune(backbone, splits, result, init, config, prune, out, resume, report, files)
+        if pr is not None and prune is not None:
+            histories[prune.rewind] = pr.retrain.history
+        ps = _final_prompt_set(backbone, splits, config, result, init, pr, limits)
         files["prompt_set"] = ps.save(out / f"{task_id}.safetensors")
         report["prompt_set"] = ps.summary()
+        final = pr.retrain if pr is not None else result
         report["result"] = {
             "val_acc": final.val_acc,
             "test_acc": final.test_acc,
@@ -127,14 +104,6 @@ def run_task(
             "tuned_percent": 100.0 * ps.num_parameters / result.backbone_params,
             "num_prompts": ps.num_prompts,
             "num_kv": ps.num_kv,
-        }
-    else:
-        report["result"] = {
-            "val_acc": result.val_acc,
-            "test_acc": result.test_acc,
-            "tuned_params": result.tuned_params,
-            "tuned_percent": result.tuned_percent,
-            "note": "full fine-tuning is the upper reference; it produces no prompt set",
         }
     files["curves_png"] = plot_curves(histories, out / "curves.png")
     report["seconds"] = time.perf_counter() - t0
@@ -147,6 +116,69 @@ def run_task(
     for name in ("checkpoint.pt", "rewind_checkpoint.pt"):
         (out / name).unlink(missing_ok=True)  # the run finished: resuming is no longer needed
     return TaskRun(ps, report, result, pr, files)
+
+
+def _prune(
+    backbone: Backbone,
+    splits: DataSplits,
+    result: TrainResult,
+    init: PromptSet,
+    config: TrainConfig,
+    prune: PruneConfig,
+    out: Path,
+    resume: bool,
+    report: dict[str, Any],
+    files: dict[str, Path],
+) -> PruneResult | None:
+    """Prune + rewind (not for `linear`: no visual prompts); its report section and importance plot."""
+    if config.method == "linear":
+        log.warning("linear has no visual prompts: pruning skipped")
+        return None
+    pr = prune_and_rewind(
+        backbone,
+        splits,
+        result,
+        init,
+        config,
+        prune,
+        checkpoint=out / "rewind_checkpoint.pt",
+        resume=resume,
+    )
+    report["prune"] = {**pr.summary(), "history": pr.retrain.history}
+    files["importance_png"] = plot_importance(
+        pr.token_importance, pr.segment_importance, pr.token_mask, pr.segment_mask, out / "importance.png"
+    )
+    return pr
+
+
+def _final_prompt_set(
+    backbone: Backbone,
+    splits: DataSplits,
+    config: TrainConfig,
+    result: TrainResult,
+    init: PromptSet,
+    pr: PruneResult | None,
+    limits: PromptLimits,
+) -> PromptSet:
+    """The set to save: the pruned one, else the trained one; its metrics and training config recorded,
+    validated against the backbone."""
+    ps = pr.prompt_set if pr is not None else result.prompts.to_prompt_set(init, pruned=False)
+    final = pr.retrain if pr is not None else result
+    trained_metrics = {
+        "val_acc": result.val_acc,
+        "test_acc": result.test_acc,
+        "tuned_params": result.tuned_params,
+    }
+    ps.metrics = {
+        **(ps.metrics if pr is not None else trained_metrics),
+        "val_acc": final.val_acc,
+        "test_acc": final.test_acc,
+        "tuned_params": ps.num_parameters,
+        "tuned_percent": 100.0 * ps.num_parameters / result.backbone_params,
+        "dataset": splits.name,
+    }
+    ps.config = ps.config.updated(train=config.to_dict())
+    return ps.validate(backbone.info, limits)
 
 
 # A config that trains a mini-VTAB task on the upstream ViT in about a minute on one CPU core (with the

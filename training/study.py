@@ -5,7 +5,6 @@ Markdown, and a PNG plot."""
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -225,7 +224,3 @@ def _plot(rows, summary, tasks, path: Path) -> None:
     ax2.set(xlabel="tuned params (% of backbone)", ylabel="mean test accuracy (%)", title="accuracy vs size")
     ax2.grid(alpha=0.3)
     save_figure(fig, path)
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -213,10 +213,6 @@ class MetricsEndpoint:
             if self._try_start():
                 return
 
-    @property
-    def serving(self) -> bool:
-        return self.server is not None
-
     def stop(self) -> None:
         self._stop.set()
         if self.server is not None:
