@@ -1,5 +1,5 @@
 """Fidelity study: linear vs vpt-deep vs e2vpt vs pruned e2vpt on the generated mini-VTAB, on the offline
-upstream ViT (pretrained once by `training.upstream.ensure_upstream`).
+upstream ViT (pretrained once by `training.synthetic.upstream.ensure_upstream`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --quick --out runs/study-quick
     .venv/bin/python benchmarks/fidelity_study.py --out runs/study            # the full budget
@@ -13,9 +13,9 @@ import argparse
 import logging
 from dataclasses import replace
 
-from training.minivtab import TASKS
 from training.study import StudyConfig, run_study
-from training.upstream import ensure_upstream, load_upstream
+from training.synthetic.minivtab import TASKS
+from training.synthetic.upstream import ensure_upstream, load_upstream
 
 
 def main() -> None:

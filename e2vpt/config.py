@@ -102,7 +102,7 @@ class Settings(BaseSettings):
 
     # --- training (training/, `e2vpt train`) ----------------------------------------------------
     # Where the offline upstream ViT of the fidelity study is cached (created once by
-    # `training.upstream.ensure_upstream`, then reused).
+    # `training.synthetic.upstream.ensure_upstream`, then reused).
     upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
     # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
     train_out_dir: str = "runs"

@@ -52,7 +52,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 def get_backbone(args: argparse.Namespace, cache: Path) -> Path:
     """A backbone checkpoint with its build spec: the offline upstream ViT, or a named timm model."""
     if args.backbone is None:
-        from training.upstream import DEMO_PRETRAIN, ensure_upstream
+        from training.synthetic.upstream import DEMO_PRETRAIN, ensure_upstream
 
         # A shorter upstream budget than the fidelity study's (72k images), so a first run stays in minutes.
         # (The file name changed with the upstream's architecture and task: an old cache is not reused.)
@@ -116,7 +116,7 @@ def start_registry(env: dict[str, str], port: int, logfile: Path) -> subprocess.
 
 def test_items(task: str, n: int) -> list[tuple[bytes, int]]:
     """Held-out test images (never seen in training or validation) with their labels."""
-    from training.minivtab import generate
+    from training.synthetic.minivtab import generate
 
     images, labels = generate(task, seed=0, n_test=n)
     return [(png_bytes(images[-n + i]), int(labels[-n + i])) for i in range(n)]

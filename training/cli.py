@@ -22,8 +22,8 @@ from e2vpt.core.method import DEFAULT_RECIPE, SEGMENT_LAYOUTS
 from e2vpt.errors import E2VPTError
 from e2vpt.registry.client import read_token
 from training.data import DataSplits, image_folder_splits, vtab_splits, with_transforms
-from training.minivtab import TASKS
 from training.pruning import IMPORTANCE_MODES, REWIND_MODES, PruneConfig
+from training.synthetic.minivtab import TASKS
 from training.trainer import METHODS, OFFICIAL_LRS, OFFICIAL_WDS, SELECTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def load_cli_data(args: argparse.Namespace, backbone: Backbone) -> DataSplits:
     elif args.list_dir:
         splits = vtab_splits(args.list_dir, final=args.final, verify=verify)
     else:
-        from training.minivtab import mini_vtab
+        from training.synthetic.minivtab import mini_vtab
 
         splits = mini_vtab(args.mini_vtab, seed=args.data_seed, n_test=args.test_size)
     return with_transforms(splits, backbone.info, args.recipe)
@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_upstream(args: argparse.Namespace) -> int:
-    from training.upstream import ensure_upstream
+    from training.synthetic.upstream import ensure_upstream
 
     path = ensure_upstream(args.out, epochs=args.epochs, images_per_epoch=args.images_per_epoch)
     print(path)

@@ -219,8 +219,8 @@ def quick_demo_task(
     """The demo's fast path: a mini-VTAB task trained with e2vpt (and pruned 50% tokens / 25% segments
     with a short rewind) on the cached upstream ViT (`ensure_upstream`), about a minute on a CPU."""
     from training.data import with_transforms
-    from training.minivtab import mini_vtab
-    from training.upstream import ensure_upstream, load_upstream
+    from training.synthetic.minivtab import mini_vtab
+    from training.synthetic.upstream import ensure_upstream, load_upstream
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if backbone is None:

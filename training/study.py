@@ -22,14 +22,14 @@ from e2vpt.core.backbone import Backbone  # noqa: E402
 from e2vpt.core.model import PromptedViT, TaskBatch  # noqa: E402
 from e2vpt.core.promptset import PromptSet  # noqa: E402
 from training.data import with_transforms  # noqa: E402
-from training.minivtab import TASK_GROUPS, TASKS, max_test_images, mini_vtab  # noqa: E402
 from training.pruning import PruneConfig, prune_and_rewind  # noqa: E402
 from training.report import (
     save_figure,  # noqa: E402
     write_json,  # noqa: E402
 )
+from training.synthetic.minivtab import TASK_GROUPS, TASKS, max_test_images, mini_vtab  # noqa: E402
+from training.synthetic.upstream import load_upstream  # noqa: E402
 from training.trainer import TrainConfig, initial_prompt_set, train  # noqa: E402
-from training.upstream import load_upstream  # noqa: E402
 
 log = logging.getLogger(__name__)
 METHODS = ("linear", "vpt-deep", "e2vpt", "e2vpt-pruned")

@@ -18,7 +18,7 @@ from training.data import (
     vtab_splits,
     with_transforms,
 )
-from training.minivtab import NUM_CLASSES, TASKS, generate, mini_vtab
+from training.synthetic.minivtab import NUM_CLASSES, TASKS, generate, mini_vtab
 
 
 def _img(path: Path, value: int = 128, size: int = 20) -> Path:
@@ -133,7 +133,7 @@ def test_mini_vtab_deterministic_and_sized(backbone) -> None:
 
 def test_upstream_shape_task_labels_and_sizes() -> None:
     """The default upstream task is shape only (6 classes); the old shape x colour task has 18."""
-    from training.upstream import num_upstream_classes, upstream_batch
+    from training.synthetic.upstream import num_upstream_classes, upstream_batch
 
     x, y = upstream_batch(64, seed=3)
     assert x.shape == (64, 3, 32, 32) and int(y.min()) >= 0 and int(y.max()) < num_upstream_classes("shape")
@@ -145,8 +145,8 @@ def test_upstream_shape_task_labels_and_sizes() -> None:
 
 
 def test_digits_test_split_is_capped_to_the_pool() -> None:
-    from training.minivtab import DIGITS_IMAGES, VAL, max_test_images
-    from training.minivtab import TRAIN as N_TRAIN
+    from training.synthetic.minivtab import DIGITS_IMAGES, VAL, max_test_images
+    from training.synthetic.minivtab import TRAIN as N_TRAIN
 
     assert max_test_images("digits", 1000) == DIGITS_IMAGES - N_TRAIN - VAL
     assert max_test_images("count", 1000) == 1000

@@ -6,7 +6,7 @@ structured: `position` (dSprites-loc: which of 3x3 cells holds the object), `ori
 textures: `textures` (DTD-like: 6 procedural pattern families under random colours, scale, rotation);
 natural: `digits` (real handwritten digits from scikit-learn, upscaled and coloured).
 
-The upstream task (`training.upstream`) classifies shape x colour family of one main object among
+The upstream task (`training.synthetic.upstream`) classifies shape x colour family of one main object among
 distractors, at any position, size and rotation: it teaches shapes and colours but not positions,
 angles, counts or textures, so the downstream tasks differ from it as VTAB's do from ImageNet.
 """

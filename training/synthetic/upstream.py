@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from e2vpt.config import get_settings
 from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
-from training.minivtab import (
+from training.synthetic.minivtab import (
     COLOR_FAMILIES,
     SHAPES,
     SIZE,
