@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import TINY, tiny_backbone
 from safetensors.torch import save_file
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
@@ -17,6 +16,7 @@ from e2vpt.core.backbone import Backbone, BackboneInfo, fingerprint_model, load_
 from e2vpt.core.model import PromptedViT, TaskBatch
 from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import UnsupportedBackbone
+from tests.helpers import TINY, tiny_backbone
 
 # name, kwargs (on top of TINY: 32x32 images, 8x8 patches, 2 blocks), expected prefix tokens, pool
 BACKBONES = [

@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_backbone
 from torch import Tensor, nn
 
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.model import PromptedViT, TaskBatch, TaskPrompts, prompted_attention, split_logits
 from e2vpt.core.promptset import PromptSet
+from tests.helpers import tiny_backbone
 
 TOL = 1e-4
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from conftest import tiny_backbone
 
 from e2vpt import cli
 from e2vpt.config import Settings
@@ -28,6 +27,7 @@ from e2vpt.errors import (
 from e2vpt.onnx.backend import OnnxBackend, create_backend, onnx_cache_path
 from e2vpt.onnx.export import INPUT_NAMES, check_exportable, export_onnx, onnx_metadata, verify_export
 from e2vpt.serving.backends import TorchBackend, make_backend
+from tests.helpers import tiny_backbone
 
 MAX_P, MAX_T = 4, 4
 FP32_ATOL = 1e-3

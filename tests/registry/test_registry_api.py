@@ -15,8 +15,8 @@ from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.registry.api import create_app, read_token
 from e2vpt.registry.store import PromptStore
-from tests.conftest import RedisServer
-from tests.registry.test_store import _bad_uploads, marked_set, marker_of, snapshot
+from tests.helpers import RedisServer
+from tests.registry_helpers import bad_uploads, marked_set, marker_of, snapshot
 
 pytestmark = pytest.mark.integration  # real Redis
 
@@ -119,7 +119,7 @@ def test_every_malformed_upload_is_refused_with_its_status(
     put(client, "victim", marked_set(backbone.info, "victim", 1.0).to_bytes())
     before = snapshot(store)
     expected_status = {"bad task id": 400}
-    for name, (data, exc_type) in _bad_uploads(backbone.info).items():
+    for name, (data, exc_type) in bad_uploads(backbone.info).items():
         r = client.put("/tasks/victim", content=data, headers=OCTET)
         want = expected_status.get(name, 422)
         assert r.status_code == want, (name, r.status_code, r.text)
@@ -250,7 +250,7 @@ def test_redis_down_gives_503_and_recovers(redis_server: RedisServer, backbone: 
 
 def test_app_from_settings_loads_the_backbone(redis_url: str, namespace: str, tmp_path: Path) -> None:
     from e2vpt.core.backbone import save_checkpoint
-    from tests.conftest import TINY, tiny_backbone
+    from tests.helpers import TINY, tiny_backbone
 
     bb = tiny_backbone()
     ckpt = save_checkpoint(bb.model, bb.info.name, TINY, tmp_path / "tiny.safetensors")

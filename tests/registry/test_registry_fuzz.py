@@ -23,7 +23,7 @@ from schemathesis.checks import positive_data_acceptance
 from e2vpt.core.backbone import Backbone
 from e2vpt.registry.api import create_app
 from e2vpt.registry.store import PromptStore
-from tests.registry.test_store import marked_set
+from tests.registry_helpers import marked_set
 
 pytestmark = pytest.mark.integration  # real Redis
 

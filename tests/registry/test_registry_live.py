@@ -21,8 +21,8 @@ from e2vpt.core.backbone import save_checkpoint
 from e2vpt.core.promptset import PromptSet
 from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_NOPERM, EXIT_REFUSED, EXIT_UNAVAILABLE
 from e2vpt.registry.store import PromptStore
-from tests.conftest import TINY, free_port, tiny_backbone
-from tests.registry.test_store import marked_set, marker_of
+from tests.helpers import TINY, free_port, tiny_backbone
+from tests.registry_helpers import marked_set, marker_of
 
 pytestmark = pytest.mark.integration  # real Redis
 

@@ -3,13 +3,10 @@ persistence across restarts and outages."""
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import pytest
 import redis
@@ -20,42 +17,18 @@ from e2vpt.core.backbone import Backbone, BackboneInfo
 from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import (
     BadRequest,
-    CorruptPromptSet,
     IncompatiblePromptSet,
-    InvalidPromptSet,
     InvalidTaskId,
     PromptSetTooLarge,
     StoreUnavailable,
     TaskNotFound,
-    UnsupportedFormatVersion,
     VersionNotFound,
 )
 from e2vpt.registry.store import PromptStore, StoreEvent
-from tests.conftest import RedisServer, tiny_backbone, wait_for
+from tests.helpers import RedisServer, tiny_backbone, wait_for
+from tests.registry_helpers import bad_uploads, marked_set, marker_of, snapshot
 
 pytestmark = pytest.mark.integration  # real Redis
-
-
-def marked_set(info: BackboneInfo, task_id: str, marker: float, num_classes: int = 3) -> PromptSet:
-    """A valid set whose every tensor value and whose metadata both encode `marker`."""
-    ps = PromptSet.create(task_id, info, [f"c{i}" for i in range(num_classes)])
-    ps = replace(
-        ps,
-        visual=torch.full_like(ps.visual, marker),
-        kv=torch.full_like(ps.kv, marker),
-        head_weight=torch.full_like(ps.head_weight, marker),
-        head_bias=torch.full_like(ps.head_bias, marker),
-        metrics={"marker": marker},
-    )
-    return ps
-
-
-def marker_of(ps: PromptSet) -> float:
-    """The marker if metadata and all tensors agree on one; raises AssertionError on a torn read."""
-    m = ps.metrics["marker"]
-    for name, t in ps.tensors().items():
-        assert bool((t == m).all()), f"{name} does not carry marker {m}: torn read"
-    return m
 
 
 @pytest.fixture
@@ -64,11 +37,6 @@ def store(redis_url: str, namespace: str, backbone: Backbone) -> Iterator[Prompt
     yield s
     s.drop_all()
     s.close()
-
-
-def snapshot(s: PromptStore) -> dict[bytes, bytes]:
-    """Every key of the namespace with its DUMP: equal snapshots mean nothing was written."""
-    return {k: s.client.dump(k) for k in s.all_keys()}
 
 
 def contents(s: PromptStore) -> dict[bytes, object]:
@@ -177,43 +145,6 @@ def test_namespaced_by_backbone(
 
 
 # ---------------------------------------------------------------------- validation at the door
-def _bad_uploads(info: BackboneInfo) -> dict[str, tuple[bytes, type[Exception]]]:
-    good = marked_set(info, "victim", 5.0)
-    data = good.to_bytes()
-    nan = replace(good, visual=good.visual.clone())
-    nan.visual[0, 0, 0] = float("nan")
-    inf = replace(good, kv=good.kv.clone())
-    inf.kv[0, 0, 0, 0, 0] = float("inf")
-    wrong_head = replace(good, head_bias=torch.zeros(good.num_classes + 1))
-    wrong_d = replace(good, visual=torch.zeros(info.depth, 10, info.embed_dim // 2))
-    wrong_depth = PromptSet.create("victim", replace(info, depth=info.depth + 1), ["a"])
-    other_backbone = replace(good, fingerprint="vit_tiny_patch16_224@sha256:0000000000000000")
-    labels = replace(good, labels=["only-one"])
-    ints = replace(good, head_bias=torch.zeros(good.num_classes, dtype=torch.int64))
-    buf = io.BytesIO()
-    torch.save(good.tensors(), buf)
-    bad_id = replace(good, task_id="../etc/passwd")
-    future = replace(good, format_version=99)
-    return {
-        "empty": (b"", CorruptPromptSet),
-        "truncated": (data[: len(data) // 2], CorruptPromptSet),
-        "header only": (data[:200], CorruptPromptSet),
-        "garbage": (b"\x00" * 64 + b"not safetensors", CorruptPromptSet),
-        "torch.save pickle": (buf.getvalue(), CorruptPromptSet),
-        "raw pickle": (pickle.dumps({"visual": [1, 2, 3]}), CorruptPromptSet),
-        "nan": (nan.to_bytes(), InvalidPromptSet),
-        "inf": (inf.to_bytes(), InvalidPromptSet),
-        "head shape": (wrong_head.to_bytes(), InvalidPromptSet),
-        "embed dim": (wrong_d.to_bytes(), InvalidPromptSet),
-        "depth": (wrong_depth.to_bytes(), IncompatiblePromptSet),
-        "wrong backbone": (other_backbone.to_bytes(), IncompatiblePromptSet),
-        "label count": (labels.to_bytes(), InvalidPromptSet),
-        "int dtype": (ints.to_bytes(), InvalidPromptSet),
-        "bad task id": (bad_id.to_bytes(), InvalidTaskId),
-        "format version": (future.to_bytes(), UnsupportedFormatVersion),
-    }
-
-
 def test_every_malformed_upload_is_refused_and_writes_nothing(
     store: PromptStore, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,7 +155,7 @@ def test_every_malformed_upload_is_refused_and_writes_nothing(
     events: list[StoreEvent] = []
     sub = store.subscribe(events.append)
     try:
-        for name, (data, exc_type) in _bad_uploads(backbone.info).items():
+        for name, (data, exc_type) in bad_uploads(backbone.info).items():
             with pytest.raises(exc_type):
                 store.register_bytes(data)
             assert snapshot(store) == before, f"{name}: Redis changed"

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import RedisServer, tiny_backbone, wait_for
 from PIL import Image
 from prometheus_client import generate_latest
 from ts.context import Context, RequestProcessor
@@ -37,6 +36,7 @@ from e2vpt.serving.cache import PromptCache
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import ServingMetrics, TaskLabeler
 from e2vpt.torchserve.adapter import handle_batch, parse_request
+from tests.helpers import RedisServer, tiny_backbone, wait_for
 from tests.serving_helpers import offline_predict
 
 

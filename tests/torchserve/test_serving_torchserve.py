@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import TINY, RedisServer
 
 from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
 from e2vpt.core.promptset import PromptSet
@@ -26,6 +25,7 @@ from e2vpt.dev.images import image_bytes, png_header_bomb
 from e2vpt.registry.store import PromptStore
 from e2vpt.torchserve.adapter import WORKER_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
+from tests.helpers import TINY, RedisServer
 from tests.serving_helpers import offline_predict
 
 pytestmark = [

@@ -1,0 +1,34 @@
+"""Plain helpers shared by the test files (fixtures live in conftest.py): tiny backbones, private Redis
+servers, polling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from e2vpt.core.backbone import Backbone, load_backbone
+from e2vpt.dev.localredis import LocalRedis, free_port
+
+# A 2-block ViT on 32x32 images with 8x8 patches: 16 patches, D=192, 3 heads. Milliseconds per forward.
+TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
+
+
+def tiny_backbone(name: str = "vit_tiny_patch16_224", **kwargs: object) -> Backbone:
+    return load_backbone(name, **{**TINY, **kwargs})
+
+
+def RedisServer(workdir: Path, port: int | None = None, appendonly: bool = True) -> LocalRedis:  # noqa: N802
+    """A private redis-server in `workdir` (persistence, restart and outage tests): `.start()`, `.stop()`,
+    `.url`; stop + start keeps its port and data."""
+    return LocalRedis(port=port or free_port(), workdir=workdir, appendonly=appendonly)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `cond` until it holds or `timeout` seconds pass; the final answer of `cond`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
