@@ -3,12 +3,25 @@ named ``E2VPT_<FIELD>`` (for example ``E2VPT_REDIS_URL``), or by a ``.env`` file
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What a prompt set may be at most. The core never reads the environment: whoever owns the settings
+    (registry, serving, CLI, training) passes `Settings.prompt_limits`; the defaults are defined here once."""
+
+    max_bytes: int = 64 * 1024 * 1024  # a prompt-set file, bytes
+    max_prompt_tokens: int = 256  # visual prompt tokens per block (P)
+    max_kv_tokens: int = 256  # key-value prompt tokens per block (T)
+    max_classes: int = 100_000  # classes of the head (C)
+
+
+DEFAULT_LIMITS = PromptLimits()
 
 
 class Settings(BaseSettings):

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from e2vpt.config import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.backbone import Backbone
-from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.promptset import PromptSet
 from e2vpt.registry.client import register_prompt_set
 from training.data import DataSplits

@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from e2vpt.config import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import RECIPES
-from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.method import DEFAULTS, SEGMENT_LAYOUTS, MethodConfig
 from e2vpt.errors import (
     CorruptPromptSet,

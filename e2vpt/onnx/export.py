@@ -54,9 +54,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from e2vpt.config import get_settings
+from e2vpt.config import DEFAULT_LIMITS, PromptLimits, get_settings
 from e2vpt.core.backbone import Backbone, BackboneInfo, check_supported, load_backbone
-from e2vpt.core.limits import DEFAULT_LIMITS, PromptLimits
 from e2vpt.core.model import PromptedViT
 from e2vpt.errors import ExportError
 

@@ -36,9 +36,8 @@ from typing import Any
 import redis
 import redis.exceptions as rexc
 
-from e2vpt.config import Settings, get_settings
+from e2vpt.config import PromptLimits, Settings, get_settings
 from e2vpt.core.backbone import BackboneInfo
-from e2vpt.core.limits import PromptLimits
 from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import (
     BadRequest,
