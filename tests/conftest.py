@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from e2vpt.core.backbone import Backbone
+from e2vpt.registry.store import PromptStore
 from tests.helpers import RedisServer, tiny_backbone
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -29,6 +30,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def store(redis_url: str, namespace: str, backbone: Backbone) -> Iterator[PromptStore]:
+    """An empty PromptStore of the tiny backbone in a fresh namespace (keeps 5 versions), dropped after."""
+    s = PromptStore(redis_url, backbone.info, namespace=namespace, keep_versions=5)
+    yield s
+    s.drop_all()
+    s.close()
 
 
 @pytest.fixture

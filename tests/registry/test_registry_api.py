@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.integration  # real Redis
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 OCTET = {**AUTH, "Content-Type": "application/octet-stream"}
-
-
-@pytest.fixture
-def store(redis_url: str, namespace: str, backbone: Backbone) -> Iterator[PromptStore]:
-    s = PromptStore(redis_url, backbone.info, namespace=namespace, keep_versions=5)
-    yield s
-    s.drop_all()
-    s.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -29,14 +29,6 @@ from tests.helpers import RedisServer, tiny_backbone, wait_for
 from tests.registry_helpers import bad_uploads, marked_set, marker_of, snapshot
 
 pytestmark = pytest.mark.integration  # real Redis
-
-
-@pytest.fixture
-def store(redis_url: str, namespace: str, backbone: Backbone) -> Iterator[PromptStore]:
-    s = PromptStore(redis_url, backbone.info, namespace=namespace, keep_versions=5)
-    yield s
-    s.drop_all()
-    s.close()
 
 
 def contents(s: PromptStore) -> dict[bytes, object]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2vpt.cli import main
+from e2vpt.cli import build_parser, main
 from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import RegistrationFailed
 from e2vpt.registry.client import register_prompt_set
@@ -133,3 +133,19 @@ def test_register_errors_are_typed(registry: Registry, backbone) -> None:
     registry.close()
     with pytest.raises(RegistrationFailed, match="cannot reach the registry"):
         register_prompt_set(url, ps, token="secret", timeout=2)
+
+
+def test_register_flag_takes_the_registry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from e2vpt.config import Settings
+    from training.cli import _registry_target
+
+    monkeypatch.setenv("E2VPT_REGISTER_URL", "http://legacy:1")  # the former name: an alias now
+    monkeypatch.setenv("E2VPT_REGISTRY_TOKEN", "tok")
+    settings = Settings()
+    base = ["train", "--backbone", "x", "--data", "d"]
+    parse = build_parser().parse_args
+    assert _registry_target(parse(base), settings) == {"register_url": None, "register_token": None}
+    bare = _registry_target(parse([*base, "--register"]), settings)
+    assert bare == {"register_url": "http://legacy:1", "register_token": "tok"}
+    given = _registry_target(parse([*base, "--register", "http://x:2", "--token", "t2"]), settings)
+    assert given == {"register_url": "http://x:2", "register_token": "t2"}
