@@ -61,7 +61,7 @@ class RegistryClient:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise RegistryUnreachable(
-                f"cannot reach the registry at {self.url}: {type(exc).__name__}: {exc}"
+                f"the registry at {self.url} is unreachable: {type(exc).__name__}: {exc}"
             ) from exc
         if response.status_code >= 400:
             try:
@@ -137,7 +137,7 @@ def register_prompt_set(
         with RegistryClient(url, token, timeout) as client:
             data = client.register(body, task_id)
     except RegistryUnreachable as exc:
-        raise RegistrationFailed(exc.message) from exc
+        raise RegistrationFailed(f"cannot reach the registry: {exc.message}") from exc
     except RegistryRequestError as exc:
         hint = " (check --token)" if exc.http_status in (401, 403) else ""
         raise RegistrationFailed(
