@@ -205,20 +205,22 @@ class PromptSet:
     def compact(self) -> PromptSet:
         """Remove pruned tokens (P really shrinks) and store pruned segments as zeros.
 
-        The result gives exactly the logits of this set run with its masks.
+        The result gives exactly the logits of this set run with its masks. Device-safe: the prompts
+        may be on a GPU while the masks stay on the CPU; the kept masks keep their own device.
         """
         visual, segment_mask = self.visual, self.segment_mask
         cfg = dict(self.config)
         if self.token_mask is not None:
-            keep = self.token_mask.bool()
-            visual = visual[:, keep]
+            keep = self.token_mask.bool().cpu()
+            visual = visual[:, keep.to(visual.device)]
             if segment_mask is not None:
-                segment_mask = segment_mask[keep]
+                segment_mask = segment_mask[keep.to(segment_mask.device)]
             cfg["kept_token_indices"] = torch.nonzero(keep).flatten().tolist()
             cfg["num_prompts_before_compaction"] = self.num_prompts
         if segment_mask is not None:
             dim_mask = expand_segment_mask(segment_mask.bool(), visual.shape[2], self.segment_layout)
-            visual = visual * dim_mask.to(visual.dtype)
+            # masks may live on another device than the prompts (`to` moves only the float tensors)
+            visual = visual * dim_mask.to(device=visual.device, dtype=visual.dtype)
         cfg["num_prompts"] = int(visual.shape[1])
         return replace(
             self, visual=visual.contiguous(), segment_mask=segment_mask, token_mask=None, config=cfg

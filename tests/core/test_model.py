@@ -181,8 +181,10 @@ def test_kv_attention_matches_reference(backbone: Backbone) -> None:
     H, Dh = attn.num_heads, attn.head_dim
     x = torch.randn(B, N, backbone.info.embed_dim, generator=g)
     kvp = torch.randn(B, 2, H, T, Dh, generator=g)
+    # the KV prompts go into T slot rows appended to the sequence; the first N rows are the answer
+    slots = torch.cat([x, torch.randn(B, T, x.shape[2], generator=g)], dim=1)
     with torch.no_grad():
-        got = prompted_attention(attn, x, kvp, None)
+        got = prompted_attention(attn, slots, kvp, None)[:, :N]
         want = reference_attention(attn, x, kvp, None)
         plain = reference_attention(attn, x, None, None)
     assert got.shape == (B, N, backbone.info.embed_dim)
@@ -195,7 +197,7 @@ def test_kv_attention_matches_reference(backbone: Backbone) -> None:
     valid[1, N + 2 :] = False
     valid[2, N:] = False
     with torch.no_grad():
-        got_m = prompted_attention(attn, x, kvp, valid[:, None, None, :])
+        got_m = prompted_attention(attn, slots, kvp, valid[:, None, None, :])[:, :N]
         want_m = reference_attention(attn, x, kvp, valid)
         # image 2 with all KV slots masked equals attention with no prompts at all
         no_kv = reference_attention(attn, x[2:], None, None)
