@@ -15,6 +15,7 @@ Modes (forward_features only, pooled features, no head; one task's prompts for e
     slot_t_only   the slot path, T KV prompts, no visual prompts
     concat_t_only the former path, T KV prompts only
     concat_padded / slot_padded   a mixed batch: P and T padded per image, key-padding mask built
+    *_compiled    (--compile) bare, concat and slot under torch.compile (the slot path's out-of-place form)
 `token_ratio` is the token-count cost model: (N + P + T) / N for the slot path (queries and keys), with N the
 backbone's tokens; `max_diff_vs_concat` is the largest |slot - concat| feature difference in the run's dtype.
 Timing: CUDA events on a GPU, perf_counter on a CPU; medians of interleaved repeats (round robin).
@@ -113,7 +114,15 @@ def measure(cases: dict[str, Callable[[], object]], device: torch.device, warmup
 
 
 def bench(
-    bb: Backbone, B: int, P: int, T: int, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int
+    bb: Backbone,
+    B: int,
+    P: int,
+    T: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    compile_: bool = False,
 ) -> list[dict[str, Any]]:
     vit = bb.model
     model = PromptedViT(bb).eval()
@@ -134,6 +143,10 @@ def bench(
         "concat_padded": (partial(concat_forward_features, vit), padded, P, T),
         "slot_padded": (model.forward_features, padded, P, T),
     }
+    if compile_:  # torch.compile traces the graph-capture (out-of-place) form of the slot path
+        for name in ("bare", "concat", "slot"):
+            fn, fargs, p, t = cases[name]
+            cases[f"{name}_compiled"] = (torch.compile(fn), fargs, p, t)
     with torch.inference_mode():
         outs = {n: fn(*args) for n, (fn, args, _, _) in cases.items()}
         timed = measure(
@@ -145,6 +158,8 @@ def bench(
         "slot_padded": outs["slot_padded"] - outs["concat_padded"],
         "p0t0": outs["p0t0"] - outs["bare"],
     }
+    if compile_:
+        diffs["slot_compiled"] = outs["slot_compiled"] - outs["concat"]
     bare = timed["bare"]["median_s"]
     rows = []
     for n, (_, _, p, t) in cases.items():
@@ -152,6 +167,7 @@ def bench(
         row: dict[str, Any] = {"B": B, "mode": n, "P": p, "T": t, **res}
         row["ms"] = res["median_s"] * 1e3
         row["ratio_vs_bare"] = res["median_s"] / bare
+        row["min_ratio_vs_bare"] = res["min_s"] / timed["bare"]["min_s"]
         if "cpu_median_s" in res:
             row["cpu_ratio_vs_bare"] = res["cpu_median_s"] / timed["bare"]["cpu_median_s"]
         row["token_ratio"] = (n_tokens + p + t) / n_tokens
@@ -159,8 +175,10 @@ def bench(
         if n in diffs:
             row["max_diff_vs_" + ("bare" if n == "p0t0" else "concat")] = diffs[n].abs().max().item()
         rows.append(row)
-    for name in ("concat", "concat_t_only", "concat_padded"):
-        slot = {"concat": "slot", "concat_t_only": "slot_t_only", "concat_padded": "slot_padded"}[name]
+    pairs = {"concat": "slot", "concat_t_only": "slot_t_only", "concat_padded": "slot_padded"}
+    if compile_:
+        pairs["concat_compiled"] = "slot_compiled"
+    for name, slot in pairs.items():
         row = next(r for r in rows if r["mode"] == slot)
         row["speedup_vs_concat"] = timed[name]["median_s"] / timed[slot]["median_s"]
         if "cpu_median_s" in timed[slot]:
@@ -181,6 +199,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("T", 3, lambda r: str(r["T"])),
         ("ms", 9, lambda r: _fmt(r["ms"], ".3f")),
         ("x bare", 7, lambda r: _fmt(r["ratio_vs_bare"], ".3f")),
+        ("min x bare", 11, lambda r: _fmt(r["min_ratio_vs_bare"], ".3f")),
         ("tokens", 7, lambda r: _fmt(r["token_ratio"], ".3f")),
         ("vs concat", 10, lambda r: _fmt(r.get("speedup_vs_concat"), ".3f")),
         ("max diff", 9, lambda r: _fmt(r.get("max_diff_vs_concat", r.get("max_diff_vs_bare")), ".2g")),
@@ -225,6 +244,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, help="default 15 on CPU, 50 on GPU")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd bare/concat/slot")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/attention_<device type>.json)")
     args = ap.parse_args()
 
@@ -241,7 +261,7 @@ def main() -> int:
     bb.model.to(dtype)
     rows: list[dict[str, Any]] = []
     for B in batches:
-        rows += bench(bb, B, args.prompts, args.kv, device, dtype, args.warmup, repeats)
+        rows += bench(bb, B, args.prompts, args.kv, device, dtype, args.warmup, repeats, args.compile)
 
     print(f"{name} {str(dtype).removeprefix('torch.')} on {describe_device(device)}")
     print(table(rows))

@@ -211,11 +211,11 @@ class PromptSet:
         visual, segment_mask = self.visual, self.segment_mask
         cfg = dict(self.config)
         if self.token_mask is not None:
-            keep = self.token_mask.bool().cpu()
-            visual = visual[:, keep.to(visual.device)]
+            kept = torch.nonzero(self.token_mask.bool().cpu()).flatten()  # indices, found on the host
+            visual = visual.index_select(1, kept.to(visual.device))
             if segment_mask is not None:
-                segment_mask = segment_mask[keep.to(segment_mask.device)]
-            cfg["kept_token_indices"] = torch.nonzero(keep).flatten().tolist()
+                segment_mask = segment_mask.index_select(0, kept.to(segment_mask.device))
+            cfg["kept_token_indices"] = kept.tolist()
             cfg["num_prompts_before_compaction"] = self.num_prompts
         if segment_mask is not None:
             dim_mask = expand_segment_mask(segment_mask.bool(), visual.shape[2], self.segment_layout)

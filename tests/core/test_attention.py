@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,18 @@ VARIANTS: dict[str, dict[str, object]] = {
     "qk-norm": {"qk_norm": True},
 }
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
 
 
 def variant(name: str, dtype: torch.dtype = torch.float32) -> Backbone:
@@ -69,14 +82,27 @@ def prompt_inputs(
     return images, visual, kv, visual_valid, kv_valid
 
 
+def on(device: str, tensors: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def no_tf32() -> None:
+    """Exact float32 matmuls on a GPU (TF32 would differ between the two paths' matmul shapes)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 # ---------- features: slot path == concatenation path
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_slot_path_equals_concat_path(name: str, padded: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_path_equals_concat_path(device: str, name: str, padded: bool, dtype: torch.dtype) -> None:
+    no_tf32()
     bb = variant(name, dtype)
+    bb.model.to(device)
     model = PromptedViT(bb).eval()
-    args = prompt_inputs(bb, 5, 3, 4, padded=padded, dtype=dtype)
+    args = on(device, prompt_inputs(bb, 5, 3, 4, padded=padded, dtype=dtype))
     with torch.no_grad():
         got = model.forward_features(*args)
         want = concat_forward_features(bb.model, *args)
@@ -144,15 +170,19 @@ def test_slot_rows_are_never_read(backbone: Backbone, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("name", ["cls", "qk-norm", "no-cls-reg-avg"])
 @pytest.mark.parametrize("capture", [False, True], ids=["eager", "capture"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradients_equal_concat_path(
-    name: str, padded: bool, capture: bool, monkeypatch: pytest.MonkeyPatch
+    device: str, name: str, padded: bool, capture: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """d loss / d (visual, kv) through the slot path (in-place writes under autograd, or the out-of-place
     graph-capture form) equal those through the concatenation path, in float64."""
     bb = variant(name, torch.float64)
+    bb.model.to(device)
     model = PromptedViT(bb).train()
-    images, visual, kv, vv, kvv = prompt_inputs(bb, 4, 3, 2, padded=padded, dtype=torch.float64, seed=2)
+    inputs = on(device, prompt_inputs(bb, 4, 3, 2, padded=padded, dtype=torch.float64, seed=2))
+    images, visual, kv, vv, kvv = inputs
     proj = torch.randn(bb.info.embed_dim, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    proj = proj.to(device)
 
     def grads(forward: object) -> tuple[Tensor, Tensor, Tensor]:
         v = visual.clone().requires_grad_(True)
@@ -242,17 +272,6 @@ def test_forward_never_synchronises_cuda() -> None:
 
 
 # ---------- reduced precision against fp32
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param(
-        "cuda",
-        id="cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -263,9 +282,7 @@ def test_reduced_precision_top1_agrees_with_fp32(
     """A padded mixed-prompt batch in fp16/bf16 against the same batch in fp32 (TF32 off): the top-1
     class agrees wherever the fp32 margin between the two best classes exceeds twice the largest logit
     difference, and the largest difference stays small. The difference is reported."""
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    no_tf32()
     bb = variant("cls")
     bb.model.to(device)
     B, C = 16, 10

@@ -352,6 +352,23 @@ def test_compacted_set_equals_masked_set(model: PromptedViT, backbone: Backbone,
     assert (masked - unpruned).abs().max() > 1e-2  # the masks have an effect
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_compact_is_device_safe(backbone: Backbone, device: str) -> None:
+    """Prompts on another device than their masks (`PromptSet.to` moves only the float tensors): compact
+    keeps everything on the prompts' device and needs no values from it (meta tensors have none)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ps = make_set(backbone, "dev", P=5, T=2, C=3, seed=4, token_mask=[1, 0, 1, 1, 0], segments=8)
+    moved = ps.to(device)
+    assert moved.token_mask is not None and moved.token_mask.device.type == "cpu"
+    compact = moved.compact()
+    assert compact.visual.device.type == device and compact.visual.shape == (backbone.info.depth, 3, 192)
+    assert compact.config["kept_token_indices"] == [0, 2, 3]
+    assert moved.masked_visual().shape == compact.visual.shape
+    if device != "meta":
+        assert torch.equal(compact.visual.cpu(), ps.compact().visual)
+
+
 def test_segment_layouts_differ(backbone: Backbone) -> None:
     ps = make_set(backbone, "seg", P=2, T=1, C=2, segments=4, layout="contiguous")
     strided = replace(ps, config={**ps.config, "segment_layout": "strided"})
