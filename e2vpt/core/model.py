@@ -1,11 +1,13 @@
 """`PromptedViT`: a frozen timm ViT run with E2VPT prompts, for one task (training) or a batch in which
 every image may belong to a different task (serving).
 
-Per block i the sequence is ``[prefix (CLS, registers), visual prompts_i, patches]``; prompts get no
-position embedding and replace the previous block's outputs at their positions. Inside each attention
-the task's key-value prompts are appended to K and V after the head split (and after k-norm), so keys
-have N + T entries while queries keep N. Mixed batches pad P, T and C per image; padded prompt positions
-and padded KV slots are excluded with a key-padding mask, so every image's logits equal its logits alone.
+Per block i the sequence is ``[prefix (CLS, registers), visual prompts_i, patches, KV slots]``; prompts
+get no position embedding and replace the previous block's outputs at their positions. The task's T
+key-value prompts act as if appended to K and V after the head split (and after k-norm): the sequence is
+extended once with T slot rows, and in every attention the slots' keys and values are overwritten with
+the prompts after the projection (no per-layer concatenation of K and V; the slots' queries and outputs
+are never read). Mixed batches pad P, T and C per image; padded prompt positions and padded KV slots are
+excluded with a key-padding mask, so every image's logits equal its logits alone.
 """
 
 from __future__ import annotations
@@ -21,17 +23,36 @@ from e2vpt.core.backbone import Backbone, BackboneInfo
 from e2vpt.core.promptset import PromptSet, expand_segment_mask
 
 
-def prompted_attention(attn: nn.Module, x: Tensor, kv_prompt: Tensor | None, mask: Tensor | None) -> Tensor:
-    """timm `Attention` with key-value prompts. kv_prompt: [B, 2, H, T, Dh]; mask: [B, 1, 1, N + T], bool
-    (True = attend) or additive float."""
+def prompted_attention(
+    attn: nn.Module, x: Tensor, kv_prompt: Tensor | None, mask: Tensor | None, *, inplace: bool = True
+) -> Tensor:
+    """timm `Attention` over x [B, N, D] whose last T rows are KV slots. kv_prompt: [B, 2, H, T, Dh];
+    mask: [B, 1, 1, N], bool (True = attend) or additive float.
+
+    The qkv projection runs over all N rows; then the slots' keys and values are replaced by the
+    prompts (keys after k-norm, as if the prompts were appended to K and V). The slots' own queries and
+    outputs are computed but never read by the other rows. `inplace` writes the prompts into the
+    projection's output (eager, also under autograd); False (graph capture) builds K and V out of place.
+    """
     B, N, _ = x.shape
+    H, Dh = attn.num_heads, attn.head_dim
+    T = kv_prompt.shape[3] if kv_prompt is not None else 0
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = attn.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh], a view
+    plain_k = isinstance(attn.k_norm, nn.Identity)
+    if T and inplace:
+        # into the projection's fresh output (no backward saved it), before unbind and the norms read it
+        if plain_k:
+            qkv[1:, :, :, N - T :] = kv_prompt.transpose(0, 1)  # K and V slots in one copy
+        else:
+            qkv[2, :, :, N - T :] = kv_prompt[:, 1]
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if kv_prompt is not None and kv_prompt.shape[3] > 0:
-        k = torch.cat([k, kv_prompt[:, 0]], dim=2)
-        v = torch.cat([v, kv_prompt[:, 1]], dim=2)
+    if T and inplace and not plain_k:
+        k[:, :, N - T :] = kv_prompt[:, 0]  # k-norm's output is a fresh tensor
+    elif T and not inplace:  # graph capture: the same values, out of place
+        k = torch.cat([k[:, :, : N - T], kv_prompt[:, 0].to(k.dtype)], dim=2)
+        v = torch.cat([v[:, :, : N - T], kv_prompt[:, 1].to(v.dtype)], dim=2)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     x = x.transpose(1, 2).reshape(B, N, attn.attn_dim)
     x = attn.norm(x)
@@ -59,31 +80,40 @@ def key_padding_mask(
     visual_valid: Tensor | None,
     kv_valid: Tensor | None,
     dtype: torch.dtype,
-    always: bool = False,
 ) -> Tensor | None:
     """Additive attention mask [B, 1, 1, npre + P + n_patches + T] (0 = attend, -inf = padding), or None
-    when nothing is padded (then the fused attention runs without a mask)."""
-    if always:  # graph capture: no data-dependent branch, the mask is built whenever masks are given
-        pad_p = P > 0 and visual_valid is not None
-        pad_t = T > 0 and kv_valid is not None
-    else:
-        pad_p = P > 0 and visual_valid is not None and not bool(visual_valid.all())
-        pad_t = T > 0 and kv_valid is not None and not bool(kv_valid.all())
+    when no valid mask is given (None means "nothing padded": the fused attention then runs unmasked).
+
+    The values of the masks are never read on the host (no device sync): a caller who knows that
+    nothing is padded passes None."""
+    pad_p = P > 0 and visual_valid is not None
+    pad_t = T > 0 and kv_valid is not None
     if not (pad_p or pad_t):
         return None
     device = (visual_valid if pad_p else kv_valid).device  # type: ignore[union-attr]
-    valid = torch.ones(B, npre + P + n_patches + T, dtype=torch.bool, device=device)
-    if pad_p:
-        valid[:, npre : npre + P] = visual_valid
-    if pad_t:
-        valid[:, npre + P + n_patches :] = kv_valid
-    mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
+
+    def ones(n: int) -> Tensor:
+        return torch.ones(B, n, dtype=torch.bool, device=device)
+
+    valid = torch.cat(
+        [
+            ones(npre),
+            visual_valid.bool() if pad_p else ones(P),  # type: ignore[union-attr]
+            ones(n_patches),
+            kv_valid.bool() if pad_t else ones(T),  # type: ignore[union-attr]
+        ],
+        dim=1,
+    )
+    mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))
     return mask[:, None, None, :]
 
 
-def prompted_block(blk: nn.Module, x: Tensor, kv_prompt: Tensor | None, mask: Tensor | None) -> Tensor:
-    """timm pre-norm `Block` with key-value prompts in its attention."""
-    x = x + blk.drop_path1(blk.ls1(prompted_attention(blk.attn, blk.norm1(x), kv_prompt, mask)))
+def prompted_block(
+    blk: nn.Module, x: Tensor, kv_prompt: Tensor | None, mask: Tensor | None, *, inplace: bool = True
+) -> Tensor:
+    """timm pre-norm `Block` with key-value prompts written into the KV slots (the last T rows of x)."""
+    attn_out = prompted_attention(blk.attn, blk.norm1(x), kv_prompt, mask, inplace=inplace)
+    x = x + blk.drop_path1(blk.ls1(attn_out))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
@@ -263,27 +293,41 @@ class PromptedViT(nn.Module):
     ) -> Tensor:
         """Pooled features [B, D'] of images [B, C, H, W] with per-image prompts.
 
-        visual [B, L, P, D], kv [B, L, 2, H, T, Dh], visual_valid [B, P] / kv_valid [B, T] (bool, True = real;
-        None = all real). P = T = 0 (or None) runs the plain backbone.
+        visual [B, L, P, D], kv [B, L, 2, H, T, Dh], visual_valid [B, P] / kv_valid [B, T] (bool, True = real).
+        A valid mask of None means "nothing padded" (no attention mask is built); a given mask is used
+        as is, its values never read on the host, so the forward has no device-to-host sync. P = T = 0 (or
+        None) runs the plain backbone.
+
+        The sequence is ``[prefix, visual prompts, patches, T KV slots]``, extended once; each block
+        replaces the prompt rows and writes its KV prompts into the slots' keys and values.
         """
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        B = x.shape[0]
+        B, n_tokens, D = x.shape
         npre = vit.num_prefix_tokens
         P = visual.shape[2] if visual is not None else 0
         T = kv.shape[4] if kv is not None else 0
-        tracing = _capturing_graph()
-        mask = key_padding_mask(B, npre, x.shape[1] - npre, P, T, visual_valid, kv_valid, x.dtype, tracing)
+        inplace = not _capturing_graph()
+        mask = key_padding_mask(B, npre, n_tokens - npre, P, T, visual_valid, kv_valid, x.dtype)
+        if P or T:
+            parts = [x[:, :npre]]
+            if P:
+                parts.append(visual[:, 0].to(x.dtype))  # type: ignore[index]
+            parts.append(x[:, npre:])
+            if T:
+                parts.append(x.new_zeros(B, T, D))  # the KV slots: their rows' values are never read
+            x = torch.cat(parts, dim=1)
         for i, blk in enumerate(vit.blocks):
-            if P and i == 0:
-                x = torch.cat([x[:, :npre], visual[:, 0].to(x.dtype), x[:, npre:]], dim=1)
-            elif P and not tracing:
-                # replace the previous block's outputs at the prompt positions (in place: the block's
-                # output is a fresh tensor no backward saved; autograd records the copy)
-                x[:, npre : npre + P] = visual[:, i]
-            elif P:  # graph capture (ONNX / torch.export / TorchScript): the same thing, out of place
-                x = torch.cat([x[:, :npre], visual[:, i].to(x.dtype), x[:, npre + P :]], dim=1)
-            x = prompted_block(blk, x, kv[:, i] if T else None, mask)
+            if P and i > 0:
+                if inplace:
+                    # replace the previous block's outputs at the prompt positions (in place: the block's
+                    # output is a fresh tensor no backward saved; autograd records the copy)
+                    x[:, npre : npre + P] = visual[:, i]  # type: ignore[index]
+                else:  # graph capture (ONNX / torch.export / compile): the same thing, out of place
+                    x = torch.cat([x[:, :npre], visual[:, i].to(x.dtype), x[:, npre + P :]], dim=1)  # type: ignore[index]
+            x = prompted_block(blk, x, kv[:, i] if T else None, mask, inplace=inplace)  # type: ignore[index]
+        if T:
+            x = x[:, : x.shape[1] - T]  # drop the KV slots
         x = vit.norm(x)
         if P and vit.global_pool != "token":
             x = torch.cat([x[:, :npre], x[:, npre + P :]], dim=1)  # pooling never sees prompt positions

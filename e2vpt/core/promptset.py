@@ -209,20 +209,22 @@ class PromptSet:
     def compact(self) -> PromptSet:
         """Remove pruned tokens (P really shrinks) and store pruned segments as zeros.
 
-        The result gives exactly the logits of this set run with its masks.
+        The result gives exactly the logits of this set run with its masks. Device-safe: the prompts
+        may be on a GPU while the masks stay on the CPU; the kept masks keep their own device.
         """
         visual, segment_mask = self.visual, self.segment_mask
         cfg = self.config.to_dict()
         if self.token_mask is not None:
-            keep = self.token_mask.bool()
-            visual = visual[:, keep]
+            kept = torch.nonzero(self.token_mask.bool().cpu()).flatten()  # indices, found on the host
+            visual = visual.index_select(1, kept.to(visual.device))
             if segment_mask is not None:
-                segment_mask = segment_mask[keep]
-            cfg["kept_token_indices"] = torch.nonzero(keep).flatten().tolist()
+                segment_mask = segment_mask.index_select(0, kept.to(segment_mask.device))
+            cfg["kept_token_indices"] = kept.tolist()
             cfg["num_prompts_before_compaction"] = self.num_prompts
         if segment_mask is not None:
             dim_mask = expand_segment_mask(segment_mask.bool(), visual.shape[2], self.segment_layout)
-            visual = visual * dim_mask.to(visual.dtype)
+            # masks may live on another device than the prompts (`to` moves only the float tensors)
+            visual = visual * dim_mask.to(device=visual.device, dtype=visual.dtype)
         cfg["num_prompts"] = int(visual.shape[1])
         return replace(
             self, visual=visual.contiguous(), segment_mask=segment_mask, token_mask=None, config=cfg

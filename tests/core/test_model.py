@@ -181,8 +181,10 @@ def test_kv_attention_matches_reference(backbone: Backbone) -> None:
     H, Dh = attn.num_heads, attn.head_dim
     x = torch.randn(B, N, backbone.info.embed_dim, generator=g)
     kvp = torch.randn(B, 2, H, T, Dh, generator=g)
+    # the KV prompts go into T slot rows appended to the sequence; the first N rows are the answer
+    slots = torch.cat([x, torch.randn(B, T, x.shape[2], generator=g)], dim=1)
     with torch.no_grad():
-        got = prompted_attention(attn, x, kvp, None)
+        got = prompted_attention(attn, slots, kvp, None)[:, :N]
         want = reference_attention(attn, x, kvp, None)
         plain = reference_attention(attn, x, None, None)
     assert got.shape == (B, N, backbone.info.embed_dim)
@@ -195,7 +197,7 @@ def test_kv_attention_matches_reference(backbone: Backbone) -> None:
     valid[1, N + 2 :] = False
     valid[2, N:] = False
     with torch.no_grad():
-        got_m = prompted_attention(attn, x, kvp, valid[:, None, None, :])
+        got_m = prompted_attention(attn, slots, kvp, valid[:, None, None, :])[:, :N]
         want_m = reference_attention(attn, x, kvp, valid)
         # image 2 with all KV slots masked equals attention with no prompts at all
         no_kv = reference_attention(attn, x[2:], None, None)
@@ -348,6 +350,23 @@ def test_compacted_set_equals_masked_set(model: PromptedViT, backbone: Backbone,
     assert torch.equal(masked, served) or (masked - served).abs().max() <= 1e-5
     assert (served_masked - served).abs().max() <= TOL
     assert (masked - unpruned).abs().max() > 1e-2  # the masks have an effect
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_compact_is_device_safe(backbone: Backbone, device: str) -> None:
+    """Prompts on another device than their masks (`PromptSet.to` moves only the float tensors): compact
+    keeps everything on the prompts' device and needs no values from it (meta tensors have none)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ps = make_set(backbone, "dev", P=5, T=2, C=3, seed=4, token_mask=[1, 0, 1, 1, 0], segments=8)
+    moved = ps.to(device)
+    assert moved.token_mask is not None and moved.token_mask.device.type == "cpu"
+    compact = moved.compact()
+    assert compact.visual.device.type == device and compact.visual.shape == (backbone.info.depth, 3, 192)
+    assert compact.config["kept_token_indices"] == [0, 2, 3]
+    assert moved.masked_visual().shape == compact.visual.shape
+    if device != "meta":
+        assert torch.equal(compact.visual.cpu(), ps.compact().visual)
 
 
 def test_segment_layouts_differ(backbone: Backbone) -> None:
