@@ -45,9 +45,14 @@ from e2vpt.core.model import PromptInputs, head_logits
 from e2vpt.core.promptset import PromptSet
 
 VISUAL, KV, HEADS = 0, 1, 2
-MIN_CHUNK_BYTES = 1 << 20  # a pool grows by at least this much (or what is asked, if more)
-# Heads of a batch: one matmul over the rows of all its distinct tasks ([B, R] scores) unless that is both
-# larger than this many elements and 4x the padded logits [B, C_max]; then one matmul per distinct task.
+# A pool grows by at least a chunk (or what is asked, if more): MIN_CHUNK_BYTES, or an eighth of the budget
+# if that is less; pools shrink to their rows plus one chunk when another needs the budget.
+MIN_CHUNK_BYTES = 1 << 20
+# Heads of a batch: one matmul over the (gathered) rows of its distinct tasks, [B, R] scores. A task with at
+# least SEPARATE_HEAD_ROWS classes gets its own matmul on its rows in place (no copy of a large head), and so
+# does every task when the [B, R] scores would be both larger than GROUPED_HEADS_MIN_ELEMENTS and 4x the
+# padded logits [B, C_max].
+SEPARATE_HEAD_ROWS = 4096
 GROUPED_HEADS_MIN_ELEMENTS = 1 << 26
 
 
@@ -164,40 +169,46 @@ class _Pool:
 
 
 class _HeadGroup(NamedTuple):
-    images: Tensor  # [n] indices of the images of one task
-    weight: Tensor  # [C, D]
+    """A task whose head is applied on its own rows, in place: no copy of them."""
+
+    images: Tensor  # [n] the images of the task
+    weight: Tensor  # [C, D] a view of the pool
     bias: Tensor  # [C]
 
 
 class TableBatch:
     """One assembled batch: per-image prompt inputs and the heads of its distinct tasks. Holds its slots, so
-    that their rows stay put until the batch is dropped."""
+    that their rows stay put until the batch is dropped.
+
+    Heads: the rows of the batch's tasks packed into one [R, D] weight (gathered; a view when the batch has
+    one task) and applied by one matmul (`head_logits`); a task with many classes (or every task, where the
+    [B, R] scores would be far larger than the logits) instead by its own matmul on its rows in place."""
 
     def __init__(
         self,
         prompts: PromptInputs,
         width: int,
         slots: tuple[TableSlot, ...],
-        heads: tuple[Tensor, Tensor, Tensor, Tensor] | None,
-        groups: list[tuple[_HeadGroup, int]] | None,
+        packed: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+        groups: list[_HeadGroup],
     ) -> None:
         self.prompts = prompts
         self.width = width  # the largest class count of the batch: the logits' width
         self._slots = slots
-        self._heads = heads  # (weight [R, D], bias [R], first column per image [B], count per image [B])
-        self._groups = groups  # per distinct task (images, weight, bias) and its class count
+        self._packed = packed  # (weight [R, D], bias [R], first column per image [B], count per image [B])
+        self._groups = groups
 
     def logits(self, feats: Tensor, fill: float = 0.0) -> Tensor:
         """Each image's own head on pooled features [B, D]: logits [B, width], past its class count `fill`."""
-        if self._heads is not None:
-            weight, bias, first, count = self._heads
-            return head_logits(feats, weight, bias, first, count, self.width, fill)
-        assert self._groups is not None
-        dtype = self._groups[0][0].weight.dtype
-        out = torch.full((feats.shape[0], self.width), fill, dtype=dtype, device=feats.device)
-        for group, c in self._groups:
-            x = feats.index_select(0, group.images).to(dtype)
-            out[group.images, :c] = torch.addmm(group.bias, x, group.weight.t())
+        if self._packed is not None:
+            weight, bias, first, count = self._packed
+            out = head_logits(feats, weight, bias, first, count, self.width, fill)
+        else:
+            dtype = self._groups[0].weight.dtype
+            out = torch.full((feats.shape[0], self.width), fill, dtype=dtype, device=feats.device)
+        for group in self._groups:
+            x = feats.index_select(0, group.images).to(group.weight.dtype)
+            out[group.images, : group.weight.shape[0]] = torch.addmm(group.bias, x, group.weight.t())
         return out
 
 
@@ -215,6 +226,7 @@ class PromptTable:
         self.info = info
         self.device, self.dtype = torch.device(device), dtype
         self.max_bytes = max_bytes
+        self.chunk_bytes = max(1, min(MIN_CHUNK_BYTES, max_bytes // 8))
         L, D, H, Dh = info.depth, info.embed_dim, info.num_heads, info.head_dim
         kw = {"device": self.device, "dtype": dtype}
         self._pools = (
@@ -313,7 +325,7 @@ class PromptTable:
         others = sum(p.nbytes for j, p in enumerate(self._pools) if j != index)
         if (pool.capacity + n) * pool.row_bytes + others > self.max_bytes:
             others = self._shrink_others(index)
-        chunk = max(n, pool.capacity // 2, -(-MIN_CHUNK_BYTES // pool.row_bytes))
+        chunk = max(n, pool.capacity // 2, -(-self.chunk_bytes // pool.row_bytes))
         within_budget = (self.max_bytes - others) // pool.row_bytes
         pool.grow(min(pool.capacity + chunk, max(pool.capacity + n, within_budget)))
         self.growths += 1
@@ -322,7 +334,7 @@ class PromptTable:
         """Give budget back: pools other than `index` with free room beyond a chunk are compacted to their
         used rows plus one chunk. Returns their bytes."""
         for j, pool in enumerate(self._pools):
-            slack = -(-MIN_CHUNK_BYTES // pool.row_bytes)
+            slack = -(-self.chunk_bytes // pool.row_bytes)
             if j != index and pool.free_rows > slack:
                 pool.repack(pool.reserved + pool.used + slack, list(self._live), j)
                 self.compactions += 1
@@ -346,10 +358,22 @@ class PromptTable:
         t_b = [counts[u][KV] for u in task]
         c_u = [c[HEADS] for c in counts]
         P, T, width = max(p_b), max(t_b), max(c_u)
-        col = [sum(c_u[:u]) for u in range(len(order))]  # first column of task u in the [B, R] scores
-        R = sum(c_u)
-        grouped = B * R > max(4 * B * width, GROUPED_HEADS_MIN_ELEMENTS)
-        by_task = sorted(range(B), key=task.__getitem__)  # images grouped by task (grouped heads only)
+        U = len(order)
+        # heads: which tasks get their own matmul (rows used in place), which are packed into one
+        separate = [U > 1 and c >= SEPARATE_HEAD_ROWS for c in c_u]
+        if B * sum(c for c, sep in zip(c_u, separate, strict=True) if not sep) > max(
+            4 * B * width, GROUPED_HEADS_MIN_ELEMENTS
+        ):
+            separate = [True] * U
+        packed = [u for u in range(U) if not separate[u]]
+        col: dict[int, int] = {}  # first column of a packed task in the [B, R] scores
+        R = 0
+        for u in packed:
+            col[u], R = R, R + c_u[u]
+        n_images = [0] * U
+        for u in task:
+            n_images[u] += 1
+        by_task = sorted(range(B), key=task.__getitem__)  # images grouped by task
         with self._lock:
             firsts = [s._rows.first for s in order]
             host = [
@@ -357,10 +381,10 @@ class PromptTable:
                 *p_b,
                 *(firsts[u][KV] for u in task),
                 *t_b,
-                *(col[u] for u in task),
-                *(c_u[u] for u in task),
-                *(firsts[u][HEADS] - col[u] for u in range(len(order))),  # row = column + this
-                *c_u,
+                *(col.get(u, 0) for u in task),
+                *(0 if separate[u] else c_u[u] for u in task),  # separate tasks' images: none packed
+                *(firsts[u][HEADS] - col[u] for u in packed),  # row of a packed column = column + this
+                *(c_u[u] for u in packed),
                 *by_task,
             ]
             meta = torch.tensor(host, dtype=torch.long)
@@ -380,25 +404,26 @@ class PromptTable:
             visual_valid = cols_p[None] < v_count[:, None] if any(p != P for p in p_b) else None
             kv_valid = cols_t[None] < k_count[:, None] if any(t != T for t in t_b) else None
             prompts = PromptInputs(visual, kv, visual_valid, kv_valid)
+
             weight, bias = h.tensors["weight"], h.tensors["bias"]
-            if grouped:
-                perm = meta[6 * B + 2 * len(order) :]
-                groups, at = [], 0
-                for u, c in enumerate(c_u):
-                    n = task.count(u)
-                    f = firsts[u][HEADS]
-                    groups.append((_HeadGroup(perm[at : at + n], weight[f : f + c], bias[f : f + c]), c))
-                    at += n
-                return TableBatch(prompts, width, tuple(order), None, groups)
-            if len(order) == 1:  # one task: its rows as they are
-                f = firsts[0][HEADS]
-                w, b = weight[f : f + R], bias[f : f + R]
-            else:
-                delta, c_dev = meta[6 * B : 6 * B + 2 * len(order)].view(2, len(order))
-                rows = torch.repeat_interleave(delta, c_dev, output_size=R)
+            heads = None
+            if len(packed) == 1:  # one task: its rows as they are
+                f = firsts[packed[0]][HEADS]
+                heads = (weight[f : f + R], bias[f : f + R], h_col, h_count)
+            elif packed:
+                at = 6 * B
+                delta, counts_dev = meta[at : at + 2 * len(packed)].view(2, len(packed))
+                rows = torch.repeat_interleave(delta, counts_dev, output_size=R)
                 rows += torch.arange(R, device=self.device)
-                w, b = weight.index_select(0, rows), bias.index_select(0, rows)
-            return TableBatch(prompts, width, tuple(order), (w, b, h_col, h_count), None)
+                heads = (weight.index_select(0, rows), bias.index_select(0, rows), h_col, h_count)
+            perm = meta[6 * B + 2 * len(packed) :]
+            groups, at = [], 0
+            for u, (c, n) in enumerate(zip(c_u, n_images, strict=True)):
+                if separate[u]:
+                    f = firsts[u][HEADS]
+                    groups.append(_HeadGroup(perm[at : at + n], weight[f : f + c], bias[f : f + c]))
+                at += n
+            return TableBatch(prompts, width, tuple(order), heads, groups)
 
 
 def _gather_rows(pool: Tensor, axis: int, first: Tensor, count: Tensor, width: int) -> Tensor:
