@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from e2vpt.core.backbone import BackboneInfo
@@ -189,26 +190,34 @@ class TableBatch:
         prompts: PromptInputs,
         width: int,
         slots: tuple[TableSlot, ...],
-        packed: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+        packed: tuple[Tensor, Tensor, Tensor, Tensor, int] | None,
         groups: list[_HeadGroup],
     ) -> None:
         self.prompts = prompts
         self.width = width  # the largest class count of the batch: the logits' width
         self._slots = slots
-        self._packed = packed  # (weight [R, D], bias [R], first column per image [B], count per image [B])
+        # packed tasks: weight [R, D], bias [R], first column per image [B], count per image [B] (0 for
+        # the images of separate tasks), their largest count
+        self._packed = packed
         self._groups = groups
 
     def logits(self, feats: Tensor, fill: float = 0.0) -> Tensor:
         """Each image's own head on pooled features [B, D]: logits [B, width], past its class count `fill`."""
         if self._packed is not None:
-            weight, bias, first, count = self._packed
-            out = head_logits(feats, weight, bias, first, count, self.width, fill)
+            weight, bias, first, count, width = self._packed
+            if len(self._slots) == 1:  # one task: every image's logits are all of its columns
+                out = torch.addmm(bias, feats.to(weight.dtype), weight.t())
+            else:
+                out = head_logits(feats, weight, bias, first, count, width, fill)
+            if width < self.width:
+                out = F.pad(out, (0, self.width - width), value=fill)
         else:
             dtype = self._groups[0].weight.dtype
             out = torch.full((feats.shape[0], self.width), fill, dtype=dtype, device=feats.device)
         for group in self._groups:
             x = feats.index_select(0, group.images).to(group.weight.dtype)
-            out[group.images, : group.weight.shape[0]] = torch.addmm(group.bias, x, group.weight.t())
+            scores = torch.addmm(group.bias, x, group.weight.t())
+            out.narrow(1, 0, group.weight.shape[0]).index_copy_(0, group.images, scores)
         return out
 
 
@@ -407,15 +416,17 @@ class PromptTable:
 
             weight, bias = h.tensors["weight"], h.tensors["bias"]
             heads = None
+            packed_width = max((c_u[u] for u in packed), default=0)
             if len(packed) == 1:  # one task: its rows as they are
                 f = firsts[packed[0]][HEADS]
-                heads = (weight[f : f + R], bias[f : f + R], h_col, h_count)
+                heads = (weight[f : f + R], bias[f : f + R], h_col, h_count, packed_width)
             elif packed:
                 at = 6 * B
                 delta, counts_dev = meta[at : at + 2 * len(packed)].view(2, len(packed))
                 rows = torch.repeat_interleave(delta, counts_dev, output_size=R)
                 rows += torch.arange(R, device=self.device)
-                heads = (weight.index_select(0, rows), bias.index_select(0, rows), h_col, h_count)
+                w, b = weight.index_select(0, rows), bias.index_select(0, rows)
+                heads = (w, b, h_col, h_count, packed_width)
             perm = meta[6 * B + 2 * len(packed) :]
             groups, at = [], 0
             for u, (c, n) in enumerate(zip(c_u, n_images, strict=True)):
