@@ -327,3 +327,72 @@ def test_thousands_of_tasks_with_a_small_cache_keep_serving(model: PromptedViT, 
     finally:
         store.drop_all()
         store.close()
+
+
+def test_engine_serves_a_large_head_among_small_ones(backbone: Backbone, store: PromptStore) -> None:
+    """Through the engine and Redis: a task with more classes than SEPARATE_HEAD_ROWS batched with small
+    tasks answers exactly as the offline model alone."""
+    from e2vpt.config import Settings
+    from e2vpt.dev.images import image_bytes
+    from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
+    from tests.serving_helpers import offline_predict
+
+    C = table_module.SEPARATE_HEAD_ROWS + 100
+    g = torch.Generator().manual_seed(4)
+    big = PromptSet.create("big", backbone.info, [f"b{i}" for i in range(C)], generator=g)
+    big = replace(big, head_weight=torch.randn(C, backbone.info.embed_dim, generator=g) * 0.05)
+    sets = {
+        "big": big,
+        **{f"s{i}": make_set(backbone, f"s{i}", P=1 + i, T=i, C=3 + i, seed=i) for i in range(3)},
+    }
+    for ps in sets.values():
+        store.register(ps)
+    engine = MultiTaskEngine(backbone, store, Settings(cache_version_check_ms=-1))
+    try:
+        tasks = ["s0", "big", "s1", "big", "s2", "s0"]
+        images = [image_bytes(20 + i, (40, 36)) for i in range(len(tasks))]
+        out = engine.predict([RequestItem(t, im, top_k=4) for t, im in zip(tasks, images, strict=True)])
+        for t, im, res in zip(tasks, images, out, strict=True):
+            assert isinstance(res, Result) and res.task_id == t
+            expected = offline_predict(backbone, sets[t], im, 4)
+            assert [p.label for p in res.predictions] == [label for label, _ in expected]
+            assert [p.score for p in res.predictions] == pytest.approx([s for _, s in expected], abs=1e-5)
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_table_on_cuda_equals_the_cpu_path_without_synchronising() -> None:
+    """On the GPU: gathered batches equal the TaskBatch path, and assembling a batch and applying its heads
+    never synchronises with the host (torch's sync debug mode raises on any synchronisation)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    bb = tiny_backbone()
+    bb.model.cuda()
+    model = PromptedViT(bb).eval()
+    sets = [compacted(ps) for ps in mixed_sets(bb)]
+    big = make_set(bb, "big", P=2, T=1, C=3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    C = table_module.SEPARATE_HEAD_ROWS + 5  # applied on its own rows
+    big = replace(big, head_weight=torch.randn(C, bb.info.embed_dim, generator=g), head_bias=torch.randn(C))
+    sets.append(big)
+    table = PromptTable(bb.info, device="cuda")
+    slots = [table.insert(ps) for ps in sets]
+    index = [len(sets) - 1, *range(len(sets)), 0, 3]
+    images = images_for(bb, len(index), seed=5).cuda()
+    feats = torch.randn(len(index), bb.info.embed_dim, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = table.gather([slots[i] for i in index])
+        batch.logits(feats)
+        table.gather([slots[2]] * 3).logits(feats[:3])  # one task
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad():
+        got = table_logits(model, images, batch)
+        tasks = TaskBatch.from_prompt_sets(sets, device="cuda")
+        want = model.forward_multi(images, tasks, torch.tensor(index, device="cuda"))
+    assert (got - want).abs().max().item() <= TOL
