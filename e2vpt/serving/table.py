@@ -238,15 +238,15 @@ class PromptTable:
         self.chunk_bytes = max(1, min(MIN_CHUNK_BYTES, max_bytes // 8))
         L, D, H, Dh = info.depth, info.embed_dim, info.num_heads, info.head_dim
         kw = {"device": self.device, "dtype": dtype}
-        self._pools = (
-            _Pool({"visual": (L, None, D)}, reserved=1, **kw),
-            _Pool({"kv": (L, 2, H, None, Dh)}, reserved=1, **kw),
-            _Pool({"weight": (None, D), "bias": (None,)}, reserved=0, **kw),
-        )
+        with torch.inference_mode(False):
+            self._pools = (
+                _Pool({"visual": (L, None, D)}, reserved=1, **kw),
+                _Pool({"kv": (L, 2, H, None, Dh)}, reserved=1, **kw),
+                _Pool({"weight": (None, D), "bias": (None,)}, reserved=0, **kw),
+            )
         self._live: set[_Rows] = set()
-        self._released: deque[_Rows] = (
-            deque()
-        )  # appended by slot finalizers (any thread), drained under the lock
+        # rows of slots no longer referenced: appended by finalizers (any thread), drained under the lock
+        self._released: deque[_Rows] = deque()
         self._lock = threading.RLock()
         self.growths = 0
         self.compactions = 0
@@ -276,6 +276,7 @@ class PromptTable:
             return len(self._live)
 
     # ------------------------------------------------------------------ writing
+    @torch.inference_mode(False)  # pools are normal tensors, written in place whoever calls (in any mode)
     def insert(self, ps: PromptSet) -> TableSlot:
         """Copy a compacted, validated set (no token or segment mask) into fresh rows."""
         if ps.is_masked:

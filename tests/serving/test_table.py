@@ -396,3 +396,16 @@ def test_table_on_cuda_equals_the_cpu_path_without_synchronising() -> None:
         tasks = TaskBatch.from_prompt_sets(sets, device="cuda")
         want = model.forward_multi(images, tasks, torch.tensor(index, device="cuda"))
     assert (got - want).abs().max().item() <= TOL
+
+
+def test_table_written_in_and_out_of_inference_mode(backbone: Backbone) -> None:
+    """Pools stay normal tensors: a table made or grown under inference mode is written outside it too."""
+    with torch.inference_mode():
+        table = PromptTable(backbone.info)
+        a = table.insert(make_set(backbone, "a", P=2, T=1, C=3, seed=1))
+    b = table.insert(make_set(backbone, "b", P=3, T=2, C=4, seed=2))
+    with torch.inference_mode():
+        c = table.insert(make_set(backbone, "c", P=40, T=9, C=300, seed=3))  # grows the pools
+    d = table.insert(make_set(backbone, "d", P=1, T=1, C=2, seed=4))
+    batch = table.gather([a, b, c, d])
+    assert batch.prompts.visual.shape[:3] == (4, backbone.info.depth, 40)
