@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m_at_end": os.getloadavg()[0],  # a shared CPU makes every number here slower
         "model_shapes": args.model,
         "dtype": args.dtype,
         "P": 10,

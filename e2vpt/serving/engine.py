@@ -3,8 +3,8 @@
 predict(items) decodes every image, resolves every item's task through the `PromptCache`, assembles the
 batch's prompts from the device-resident `PromptTable` (index gathers), runs ONE backbone forward with
 per-image prompts (any `FeatureBackend`), applies each image's own head and returns top-k labels and
-scores. Items that fail
-(bad image, unknown task, store down, ...) get their typed error in their slot; the rest succeed.
+scores. Items that fail (bad image, unknown task, store down, ...) get their typed error in their slot;
+the rest succeed.
 
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """
