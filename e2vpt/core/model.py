@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,12 +118,47 @@ def prompted_block(
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
+class PromptInputs(NamedTuple):
+    """Per-image prompt inputs of `PromptedViT.forward_features`: visual [B, L, P, D], kv [B, L, 2, H, T, Dh],
+    visual_valid [B, P] / kv_valid [B, T] (bool, True = real). A mask is None when nothing is padded (the
+    caller knows that on the host, so the forward needs no device-to-host synchronisation)."""
+
+    visual: Tensor
+    kv: Tensor
+    visual_valid: Tensor | None
+    kv_valid: Tensor | None
+
+    def to(self, dtype: torch.dtype) -> PromptInputs:
+        """Visual and KV prompts in `dtype` (the backbone's); masks unchanged. No copy when already so."""
+        return self._replace(visual=self.visual.to(dtype), kv=self.kv.to(dtype))
+
+
+def head_logits(
+    feats: Tensor, weight: Tensor, bias: Tensor, first: Tensor, count: Tensor, width: int, fill: float = 0.0
+) -> Tensor:
+    """Per-image linear heads packed row-wise: image b's head is rows ``first[b] : first[b] + count[b]`` of
+    weight [R, D] / bias [R]. Returns logits [B, width], entries past an image's own count set to `fill`.
+
+    One matmul of the features against all R rows ([B, R]), then each image gathers its own columns: no
+    per-image copy of a head ([B, C_max, D]) is ever made, so a 100,000-class task costs B x R logits,
+    not B x 100,000 x D weights. feats are cast to the heads' dtype."""
+    scores = torch.addmm(bias, feats.to(weight.dtype), weight.t())  # [B, R]
+    cols = torch.arange(width, device=feats.device)
+    pad = cols[None, :] >= count[:, None]  # [B, width]
+    index = (first[:, None] + cols[None, :]).masked_fill_(pad, 0)
+    return scores.gather(1, index).masked_fill_(pad, fill)
+
+
 @dataclass
 class TaskBatch:
-    """The prompt sets of the U distinct tasks in one forward, padded to common P, T and C.
+    """The prompt sets of the U distinct tasks in one forward, built on every call (training, ONNX export
+    and tests; serving assembles batches from the device-resident `e2vpt.serving.table.PromptTable`).
 
-    visual [U, L, P, D], visual_valid [U, P], kv [U, L, 2, H, T, Dh], kv_valid [U, T],
-    head_weight [U, C, D], head_bias [U, C], num_classes [U]. Padding is zero; masks are bool.
+    visual [U, L, P, D], visual_valid [U, P], kv [U, L, 2, H, T, Dh], kv_valid [U, T] padded to common P
+    and T (zeros; masks bool). Heads packed row-wise (see `head_logits`): head_weight [R, D], head_bias
+    [R], task u owns rows head_first[u] : head_first[u] + num_classes[u]. Host-side: `width` (the largest
+    class count: the logits' width) and `padded` (whether P or T differ between the tasks; else `gather`
+    returns no masks).
     """
 
     visual: Tensor
@@ -131,7 +167,10 @@ class TaskBatch:
     kv_valid: Tensor
     head_weight: Tensor
     head_bias: Tensor
+    head_first: Tensor
     num_classes: Tensor
+    width: int
+    padded: bool
 
     @classmethod
     def from_prompt_sets(
@@ -139,49 +178,67 @@ class TaskBatch:
         sets: Sequence[PromptSet],
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> TaskBatch:
+        """Padded copies of `sets` in `dtype` (pass the backbone's; `PromptedViT.forward_multi` casts to
+        the backbone's dtype in any case). A set's own dtype never decides."""
         if not sets:
             raise ValueError("a TaskBatch needs at least one prompt set")
-        dtype = dtype or sets[0].visual.dtype
         U = len(sets)
         L, _, D = sets[0].visual.shape
         _, _, H, _, Dh = sets[0].kv.shape
         visuals = [s.masked_visual() if s.is_masked else s.visual for s in sets]
-        P = max(v.shape[1] for v in visuals)
-        T = max(s.num_kv for s in sets)
-        C = max(s.num_classes for s in sets)
+        sizes_p = [v.shape[1] for v in visuals]
+        sizes_t = [s.num_kv for s in sets]
+        counts = [s.num_classes for s in sets]
+        P, T = max(sizes_p), max(sizes_t)
         kw = {"device": device, "dtype": dtype}
         visual = torch.zeros(U, L, P, D, **kw)
         kv = torch.zeros(U, L, 2, H, T, Dh, **kw)
-        head_weight = torch.zeros(U, C, D, **kw)
-        head_bias = torch.zeros(U, C, **kw)
         visual_valid = torch.zeros(U, P, dtype=torch.bool, device=device)
         kv_valid = torch.zeros(U, T, dtype=torch.bool, device=device)
         for u, (s, vis) in enumerate(zip(sets, visuals, strict=True)):
-            p, t, c = vis.shape[1], s.num_kv, s.num_classes
+            p, t = vis.shape[1], s.num_kv
             visual[u, :, :p] = vis.to(**kw)
             kv[u, :, :, :, :t] = s.kv_pair().to(**kw)
-            head_weight[u, :c] = s.head_weight.to(**kw)
-            head_bias[u, :c] = s.head_bias.to(**kw)
             visual_valid[u, :p] = True
             kv_valid[u, :t] = True
-        num_classes = torch.tensor([s.num_classes for s in sets], device=device)
-        return cls(visual, visual_valid, kv, kv_valid, head_weight, head_bias, num_classes)
-
-    def gather(self, task_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per-image prompt inputs (visual, kv, visual_valid, kv_valid) for `forward_features`."""
-        return (
-            self.visual[task_index],
-            self.kv[task_index],
-            self.visual_valid[task_index],
-            self.kv_valid[task_index],
+        head_weight = torch.cat([s.head_weight.to(**kw) for s in sets])
+        head_bias = torch.cat([s.head_bias.to(**kw) for s in sets])
+        first = [sum(counts[:u]) for u in range(U)]
+        return cls(
+            visual,
+            visual_valid,
+            kv,
+            kv_valid,
+            head_weight,
+            head_bias,
+            torch.tensor(first, device=device),
+            torch.tensor(counts, device=device),
+            width=max(counts),
+            padded=len(set(sizes_p)) > 1 or len(set(sizes_t)) > 1,
         )
 
-    def logits(self, feats: Tensor, task_index: Tensor) -> Tensor:
-        """Per-image heads on pooled features [B, D]: padded logits [B, C_max]."""
-        weight = self.head_weight[task_index].to(feats.dtype)
-        return torch.einsum("bd,bcd->bc", feats, weight) + self.head_bias[task_index].to(feats.dtype)
+    def gather(self, task_index: Tensor) -> PromptInputs:
+        """Per-image prompt inputs for `forward_features` (masks None when no task is padded)."""
+        return PromptInputs(
+            self.visual[task_index],
+            self.kv[task_index],
+            self.visual_valid[task_index] if self.padded else None,
+            self.kv_valid[task_index] if self.padded else None,
+        )
+
+    def logits(self, feats: Tensor, task_index: Tensor, fill: float = 0.0) -> Tensor:
+        """Per-image heads on pooled features [B, D]: logits [B, C_max], padding = `fill`."""
+        return head_logits(
+            feats,
+            self.head_weight,
+            self.head_bias,
+            self.head_first[task_index],
+            self.num_classes[task_index],
+            self.width,
+            fill,
+        )
 
 
 class TaskPrompts(nn.Module):
@@ -355,12 +412,18 @@ class PromptedViT(nn.Module):
         )
         return prompts.head(feats)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vit.parameters()).dtype
+
     def forward_multi(self, images: Tensor, tasks: TaskBatch, task_index: Tensor) -> Tensor:
         """Padded logits [B, C_max] for images of mixed tasks; image b uses task `task_index[b]` of `tasks`.
 
-        Entries past an image's own class count are padding: slice with `split_logits`.
+        Entries past an image's own class count are padding (0): slice with `split_logits`. Prompts are
+        cast to the backbone's dtype, whatever the batch was built in.
         """
-        return tasks.logits(self.forward_features(images, *tasks.gather(task_index)), task_index)
+        feats = self.forward_features(images, *tasks.gather(task_index).to(self.dtype))
+        return tasks.logits(feats, task_index)
 
 
 def split_logits(logits: Tensor, num_classes: Sequence[int] | Tensor) -> list[Tensor]:

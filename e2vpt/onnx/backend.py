@@ -142,7 +142,7 @@ class OnnxBackend:
         }
 
     def features(
-        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
+        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor | None, kv_valid: Tensor | None
     ) -> Tensor:
         P, T = visual.shape[2], kv.shape[4]
         if P > self.max_prompts or T > self.max_kv:
@@ -151,7 +151,11 @@ class OnnxBackend:
                 f"({self.max_prompts} / {self.max_kv}); re-export with larger --max-prompts/--max-kv"
             )
         device = images.device
-        visual_valid, kv_valid = visual_valid.bool(), kv_valid.bool()
+        B = images.shape[0]  # the graph takes masks always (None: nothing padded)
+        visual_valid = (
+            visual_valid.bool() if visual_valid is not None else visual.new_ones(B, P, dtype=torch.bool)
+        )
+        kv_valid = kv_valid.bool() if kv_valid is not None else kv.new_ones(B, T, dtype=torch.bool)
         if self.min_slots:
             visual, visual_valid = _pad_slots(visual, visual_valid, 2, self.min_slots)
             kv, kv_valid = _pad_slots(kv, kv_valid, 4, self.min_slots)

@@ -1,7 +1,7 @@
 """Inference backends: what computes pooled features from images and per-image padded prompts.
 
-The serving engine builds a `TaskBatch`, gathers each image's prompts, asks a backend for features and
-applies the per-task heads itself (`TaskBatch.logits`), so every backend gives the same answers.
+The serving engine gathers each image's prompts from its `PromptTable`, asks a backend for features and
+applies the per-task heads itself (`TableBatch.logits`), so every backend gives the same answers.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from e2vpt.errors import BackendUnavailable
 
 class FeatureBackend(Protocol):
     """images [B, C, H, W], visual [B, L, P, D], kv [B, L, 2, H, T, Dh], visual_valid [B, P],
-    kv_valid [B, T] -> pooled features [B, D] (float32, on the backend's device)."""
+    kv_valid [B, T] (None: nothing padded) -> pooled features [B, D] (on the backend's device)."""
 
     name: str
 
     def features(
-        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
+        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor | None, kv_valid: Tensor | None
     ) -> Tensor: ...
 
 
@@ -38,7 +38,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def features(
-        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor, kv_valid: Tensor
+        self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor | None, kv_valid: Tensor | None
     ) -> Tensor:
         return self.model.forward_features(images, visual, kv, visual_valid, kv_valid)
 

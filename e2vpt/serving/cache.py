@@ -1,7 +1,9 @@
-"""`PromptCache`: the device-resident prompt sets of one serving process.
+"""`PromptCache`: which prompt sets one serving process holds, and in which version.
 
-- Holds validated prompt sets, compacted and converted to the backbone's device and dtype once, under a
-  byte budget; least recently used sets are evicted first, pinned sets never.
+- Holds validated prompt sets, compacted and copied once into the device-resident `PromptTable` (the
+  backbone's device and dtype), under a byte budget; least recently used sets are evicted first, pinned
+  sets never. An update writes the new version to fresh rows, then swaps the mapping; the old rows are
+  reused once no batch holds them (see `e2vpt.serving.table`).
 - A miss loads the current version from the `PromptStore` (which validates it against the backbone);
   concurrent misses of one task share one fetch.
 - Store events (pub/sub) replace or drop cached sets as soon as they are published; a rate-limited version
@@ -25,6 +27,7 @@ import torch
 
 from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import E2VPTError, StoreUnavailable, TaskNotFound
+from e2vpt.serving.table import PromptTable, TableSlot
 
 if TYPE_CHECKING:
     from e2vpt.registry.store import PromptStore, StoreEvent
@@ -35,16 +38,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CachedPrompts:
-    """One task's prompt set as the engine uses it: compacted, on the serving device and dtype."""
+    """One task's prompt set as the engine uses it: its rows in the table (held while this is referenced),
+    labels and preprocessing recipe."""
 
     task_id: str
     version: int
-    prompts: PromptSet
-    nbytes: int
+    slot: TableSlot
+    labels: list[str]
+    recipe: str
 
     @property
-    def labels(self) -> list[str]:
-        return self.prompts.labels
+    def nbytes(self) -> int:
+        return self.slot.nbytes
 
 
 @dataclass
@@ -59,16 +64,10 @@ class CacheStats:
     version_checks: int = 0
     last_cold_load_seconds: list[float] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d.pop("last_cold_load_seconds")
-        return d
 
-
-def to_device(ps: PromptSet, device: torch.device | str, dtype: torch.dtype) -> PromptSet:
-    """Compact (pruned tokens removed, pruned segments zeroed) and move to the serving device/dtype once."""
-    compact = ps.compact()
-    return replace(compact, segment_mask=None, token_mask=None).to(device=device, dtype=dtype)
+def compacted(ps: PromptSet) -> PromptSet:
+    """Pruned tokens removed, pruned segments zeroed, masks dropped: what the table stores."""
+    return replace(ps.compact(), segment_mask=None, token_mask=None) if ps.is_masked else ps
 
 
 class PromptCache:
@@ -87,6 +86,7 @@ class PromptCache:
         self.store = store
         self.device, self.dtype = torch.device(device), dtype
         self.max_bytes = max_bytes
+        self.table = PromptTable(store.info, device=self.device, dtype=dtype, max_bytes=max_bytes)
         self.version_check_s = version_check_ms / 1000.0
         self.store_backoff_s = store_backoff_ms / 1000.0
         self._store_down_until = 0.0
@@ -138,15 +138,6 @@ class PromptCache:
                 log.warning("preload of task %r failed: %s", task_id, res)
                 errors[task_id] = res
         return errors
-
-    def pin(self, task_id: str) -> None:
-        with self._lock:
-            self._pinned.add(check_task_id(task_id))
-
-    def unpin(self, task_id: str) -> None:
-        with self._lock:
-            self._pinned.discard(task_id)
-            self._evict()
 
     # ------------------------------------------------------------------ lookups
     @property
@@ -249,10 +240,14 @@ class PromptCache:
         except StoreUnavailable as exc:
             self._store_error(exc)
             raise
-        prompts = to_device(ps, self.device, self.dtype)
+        ps = compacted(ps)
+        with self._lock:  # evict first, so that the table reuses rows rather than growing past the budget
+            old = self._entries.get(task_id)
+            self._evict(extra=self.table.nbytes_for(ps) - (old.nbytes if old else 0), keep=task_id)
+        slot = self.table.insert(ps)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        entry = CachedPrompts(task_id, version, prompts, prompts.nbytes)
+        entry = CachedPrompts(task_id, version, slot, ps.labels, ps.recipe)
         seconds = time.perf_counter() - t0
         if cold:
             self.stats.cold_loads += 1
@@ -277,8 +272,10 @@ class PromptCache:
             self._update_gauges()
         return old is not None
 
-    def _evict(self, keep: str | None = None) -> None:
-        while self._bytes > self.max_bytes:
+    def _evict(self, keep: str | None = None, extra: int = 0) -> None:
+        """Least recently used unpinned tasks out until the resident bytes (plus `extra` about to come)
+        fit the budget."""
+        while self._bytes + extra > self.max_bytes:
             victim = next((t for t in self._entries if t not in self._pinned and t != keep), None)
             if victim is None:
                 break

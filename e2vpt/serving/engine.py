@@ -1,9 +1,10 @@
 """`MultiTaskEngine`: many E2VPT tasks on one frozen backbone, one mixed batch per call.
 
-predict(items) decodes every image, resolves every item's task through the `PromptCache`, builds one
-`TaskBatch` of the distinct tasks, runs ONE backbone forward with per-image prompts (any
-`FeatureBackend`), applies each image's own head and returns top-k labels and scores. Items that fail
-(bad image, unknown task, store down, ...) get their typed error in their slot; the rest succeed.
+predict(items) decodes every image, resolves every item's task through the `PromptCache`, assembles the
+batch's prompts from the device-resident `PromptTable` (index gathers), runs ONE backbone forward with
+per-image prompts (any `FeatureBackend`), applies each image's own head and returns top-k labels and
+scores. Items that fail (bad image, unknown task, store down, ...) get their typed error in their slot;
+the rest succeed.
 
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """
@@ -22,7 +23,6 @@ from PIL import Image
 from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone, backbone_from_settings
 from e2vpt.core.images import decode_image, eval_transform
-from e2vpt.core.model import TaskBatch
 from e2vpt.core.promptset import check_task_id
 from e2vpt.errors import BadRequest, E2VPTError, http_status
 from e2vpt.registry.store import PromptStore
@@ -44,6 +44,16 @@ class RequestItem:
     task_id: str
     image: bytes
     top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """An item ready for the forward: its place in the request, its task, its pixels and its top-k."""
+
+    index: int
+    task_id: str
+    pixels: torch.Tensor
+    top_k: int
 
 
 @dataclass(frozen=True)
@@ -149,25 +159,24 @@ class MultiTaskEngine:
                 ready.append((i, task_id, img, k))
             except E2VPTError as exc:
                 out[i] = exc
-        resolved = self.cache.get_many(t for _, t, _, _ in ready)
-        good: list[tuple[int, str, torch.Tensor, int]] = []
+        resolved = self.cache.get_many(t for _, t, _, _ in ready)  # holds each task's rows until returned
+        good: list[BatchItem] = []
         for i, task_id, img, k in ready:
             res = resolved[task_id]
             if isinstance(res, E2VPTError):
                 out[i] = res
             else:  # each task's own preprocessing recipe: the pixels it was trained on
-                good.append((i, task_id, self.transform(res.prompts.recipe)(img), k))
-        tasks: list[str] = list(dict.fromkeys(t for _, t, _, _ in good))
+                good.append(BatchItem(i, task_id, self.transform(res.recipe)(img), k))
+        tasks: list[str] = list(dict.fromkeys(item.task_id for item in good))
         if good:
-            entries = [resolved[t] for t in tasks]
             try:
-                results = self._forward(good, tasks, entries)  # type: ignore[arg-type]
-                for (i, _, _, _), r in zip(good, results, strict=True):
-                    out[i] = r
+                results = self._forward(good, [resolved[item.task_id] for item in good])  # type: ignore[misc]
+                for item, r in zip(good, results, strict=True):
+                    out[item.index] = r
             except Exception as exc:  # a failing forward fails its items, typed, never the process
                 log.exception("forward of a batch of %d items failed", len(good))
-                for i, _, _, _ in good:
-                    out[i] = E2VPTError(f"inference failed: {type(exc).__name__}")
+                for item in good:
+                    out[item.index] = E2VPTError(f"inference failed: {type(exc).__name__}")
         elapsed = time.perf_counter() - t0
         self.metrics.observe_batch(len(items), len(tasks))
         final: list[Result | E2VPTError] = []
@@ -192,26 +201,24 @@ class MultiTaskEngine:
         return self._transforms[recipe]
 
     @torch.inference_mode()
-    def _forward(
-        self, good: list[tuple[int, str, torch.Tensor, int]], tasks: list[str], entries: list[CachedPrompts]
-    ) -> list[Result]:
+    def _forward(self, good: list[BatchItem], entries: list[CachedPrompts]) -> list[Result]:
+        """One forward of `good`; entries[b] is item b's task. Prompts and heads come from the table."""
         t0 = time.perf_counter()
-        position = {t: u for u, t in enumerate(tasks)}
-        batch = TaskBatch.from_prompt_sets([e.prompts for e in entries], device=self.device, dtype=self.dtype)
-        task_index = torch.tensor([position[t] for _, t, _, _ in good], device=self.device)
-        images = torch.stack([x for _, _, x, _ in good]).to(device=self.device, dtype=self.dtype)
-        feats = self.backend.features(images, *batch.gather(task_index))
-        logits = batch.logits(feats.to(self.device), task_index).float()
+        batch = self.cache.table.gather([e.slot for e in entries])
+        images = torch.stack([item.pixels for item in good]).to(device=self.device, dtype=self.dtype)
+        feats = self.backend.features(images, *batch.prompts)
+        logits = batch.logits(feats.to(self.device), fill=float("-inf")).float()  # [B, largest C]
+        probs = torch.softmax(logits, dim=1)  # padding is -inf: each row is its own task's softmax
+        k_max = min(max(item.top_k for item in good), batch.width)
+        idx = logits.topk(k_max, dim=1).indices  # on logits: padding (-inf) ranks below every class
+        scores = probs.gather(1, idx).tolist()
+        idx_list = idx.tolist()
         self.metrics.forward_seconds.observe(time.perf_counter() - t0)
         results = []
-        for b, (_, task_id, _, k) in enumerate(good):
-            entry = entries[position[task_id]]
-            c = len(entry.labels)
-            probs = torch.softmax(logits[b, :c], dim=0)
-            scores, idx = probs.topk(min(k, c))
+        for b, (item, entry) in enumerate(zip(good, entries, strict=True)):
+            n = min(item.top_k, len(entry.labels))
             preds = [
-                Prediction(entry.labels[j], float(s))
-                for s, j in zip(scores.tolist(), idx.tolist(), strict=True)
+                Prediction(entry.labels[j], s) for s, j in zip(scores[b][:n], idx_list[b][:n], strict=True)
             ]
-            results.append(Result(task_id, entry.version, preds))
+            results.append(Result(item.task_id, entry.version, preds))
         return results
