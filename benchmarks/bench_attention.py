@@ -1,6 +1,6 @@
 """Benchmark of the KV-prompt attention (a script, not a test): `PromptedViT.forward_features` with the KV
 prompts in T slot rows extended once (today's path) against the former per-layer concatenation of the
-prompts onto K and V (`tests/core/kv_concat_oracle.py`), and the bare backbone, in one interleaved run.
+prompts onto K and V (`e2vpt/dev/kv_concat.py`), and the bare backbone, in one interleaved run.
 Random-init timm ViT (speed does not depend on the weights).
 
     python benchmarks/bench_attention.py                         # CPU, vit_tiny 224, B 8 -> results/attention_cpu.json
@@ -41,10 +41,9 @@ from torch import Tensor
 
 from e2vpt.core.backbone import Backbone, load_backbone
 from e2vpt.core.model import PromptedViT
+from e2vpt.dev.kv_concat import concat_forward_features
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "core"))
-from kv_concat_oracle import concat_forward_features  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,27 +1,23 @@
 """The KV-slot attention path of `PromptedViT.forward_features` against the former per-layer
-concatenation path (`kv_concat_oracle`, an independent copy of it): features and gradients in float64
+concatenation path (`e2vpt.dev.kv_concat`, an independent copy of it): features and gradients in float64
 and float32, padded and unpadded, across the backbone variants the model supports; its graph-capture
 (out-of-place) form; the absence of host reads in the forward; and fp16/bf16 against fp32."""
 
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_backbone
 from torch import Tensor, nn
 
 import e2vpt.core.model as model_module
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.model import PromptedViT, TaskPrompts
 from e2vpt.core.promptset import PromptSet
-
-sys.path.insert(0, str(Path(__file__).parent))
-from kv_concat_oracle import concat_forward_features  # noqa: E402
+from e2vpt.dev.kv_concat import concat_forward_features
+from tests.helpers import tiny_backbone
 
 # 3 blocks (prompt replacement and slot overwrites happen more than once); small enough for milliseconds
 VARIANTS: dict[str, dict[str, object]] = {

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import tiny_backbone
 
 from tests.cli_helpers import DEPLOY
+from tests.helpers import tiny_backbone
 
 
 def listen_addresses(port: int) -> set[str]:

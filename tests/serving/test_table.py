@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_backbone, wait_for
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
@@ -25,6 +24,7 @@ from e2vpt.serving import table as table_module
 from e2vpt.serving.cache import PromptCache, compacted
 from e2vpt.serving.table import PromptTable, TableBatch
 from tests.core.test_model import images_for, make_set, mixed_sets
+from tests.helpers import tiny_backbone, wait_for
 
 TOL = 1e-4
 
