@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,11 @@ NUM_TASKS = 100  # registered in Redis for the engine and HTTP sections
 MIXED_TASKS = 64  # distinct tasks in a mixed batch
 NULL_HANDLER = ROOT / "benchmarks" / "ts_null_handler.py"
 SECTIONS = ("model", "assembly", "engine", "compile", "http", "ceiling")
+_DEADLINE = [float("inf")]  # time.monotonic() after which optional sub-steps are skipped (--budget-s)
+
+
+def out_of_time() -> bool:
+    return time.monotonic() > _DEADLINE[0]
 
 
 # ---------------------------------------------------------------------- profiles
@@ -194,7 +200,9 @@ class Assembled:
 
     tasks: TaskBatch
     task_index: torch.Tensor
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # visual, kv, visual_valid, kv_valid
+    inputs: tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+    ]  # visual, kv, visual_valid, kv_valid
 
 
 def assemble(cached: Sequence[PromptSet], task_of_image: Sequence[int], device: torch.device) -> Assembled:
@@ -260,7 +268,9 @@ def section_model(bb: Backbone, prof: Profile, device: torch.device, dtype: torc
             "no_prompts": v_no_prompts(model, images),
             "one_task": v_prompted(model, images, assemble(uniform[:1], [0] * B, device)),
             "mixed": v_prompted(model, images, assemble(uniform[:u], [b % u for b in range(B)], device)),
-            "mixed_padded": v_prompted(model, images, assemble(padded[:u], [b % u for b in range(B)], device)),
+            "mixed_padded": v_prompted(
+                model, images, assemble(padded[:u], [b % u for b in range(B)], device)
+            ),
         }
         if B == 64:
             per_image = [assemble(uniform[b : b + 1], [0], device) for b in range(B)]
@@ -272,7 +282,9 @@ def section_model(bb: Backbone, prof: Profile, device: torch.device, dtype: torc
                 {
                     "B": B,
                     "case": name,
-                    "tasks": {"one_task": 1, "mixed": u, "mixed_padded": u, "per_task_forwards": B}.get(name, 0),
+                    "tasks": {"one_task": 1, "mixed": u, "mixed_padded": u, "per_task_forwards": B}.get(
+                        name, 0
+                    ),
                     **r,
                     "images_per_s": B / r["median_ms"] * 1e3,
                     "vs_bare": r["median_ms"] / bare,
@@ -308,7 +320,13 @@ def section_compile(bb: Backbone, prof: Profile, device: torch.device, dtype: to
     eager = make_backend("torch", bb, Settings(device=str(device)))
     rows = []
     for mode in prof.compile_modes:
-        backend = make_backend("torch", bb, Settings(device=str(device), torch_compile=True, torch_compile_mode=mode))
+        if out_of_time():
+            rows.append({"mode": mode, "skipped": "time budget spent"})
+            continue
+        torch._dynamo.reset()  # each mode compiles afresh (no cache entries of the previous mode)
+        backend = make_backend(
+            "torch", bb, Settings(device=str(device), torch_compile=True, torch_compile_mode=mode)
+        )
         compile_s = {}
         for name, aa in (("bare", None), ("mixed", a)):
             t0 = time.perf_counter()
@@ -318,7 +336,9 @@ def section_compile(bb: Backbone, prof: Profile, device: torch.device, dtype: to
                 torch.cuda.synchronize(device)
             compile_s[name] = time.perf_counter() - t0
         with torch.inference_mode():  # compiled and eager agree (fp16: a few 1e-3 on logits)
-            diff = (v_backend(backend, images, a)().float() - v_backend(eager, images, a)().float()).abs().max()
+            diff = (
+                (v_backend(backend, images, a)().float() - v_backend(eager, images, a)().float()).abs().max()
+            )
         cases = {
             "eager_bare": v_backend(eager, images, None),
             "eager_mixed": v_backend(eager, images, a),
@@ -334,11 +354,13 @@ def section_compile(bb: Backbone, prof: Profile, device: torch.device, dtype: to
                     "case": name,
                     **r,
                     "vs_eager_bare": r["median_ms"] / res["eager_bare"]["median_ms"],
-                    "first_call_s": compile_s.get(name.split("_", 1)[1]) if name.startswith("compiled") else None,
+                    "first_call_s": compile_s.get(name.split("_", 1)[1])
+                    if name.startswith("compiled")
+                    else None,
                     "max_abs_logit_diff_vs_eager": float(diff) if name == "compiled_mixed" else None,
                 }
             )
-        print_rows(f"compile {mode}", [r for r in rows if r["mode"] == mode])
+        print_rows(f"compile {mode}", [r for r in rows if r["mode"] == mode and "case" in r])
     return rows
 
 
@@ -362,6 +384,7 @@ def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
         for i in range(0, len(tasks), 64):  # every task resident (cold loads are not this section's subject)
             engine.predict([RequestItem(t, jpegs[0]) for t in tasks[i : i + 64]])
         for B in prof.engine_batches:
+
             def batch(n: int = B) -> list[RequestItem]:  # noqa: E306
                 return [RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
                         for _ in range(n)]  # fmt: skip
@@ -400,7 +423,9 @@ async def _http_worker(host: str, port: int, requests: list[bytes], t_end: float
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split()[1])
-            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+            }
             if "content-length" in headers:
                 await reader.readexactly(int(headers["content-length"]))
             elif headers.get("transfer-encoding", "").lower() == "chunked":
@@ -432,7 +457,9 @@ def http_requests(path: str, host: str, token: str, tasks: list[str], bodies: li
     return out
 
 
-def http_load(ts: Any, tasks: list[str], bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+def http_load(
+    ts: Any, tasks: list[str], bodies: list[bytes], concurrency: int, seconds: float
+) -> dict[str, Any]:
     from urllib.parse import urlsplit
 
     url = urlsplit(ts.predictions_url)
@@ -444,13 +471,24 @@ def http_load(ts: Any, tasks: list[str], bodies: list[bytes], concurrency: int, 
         statuses: dict[int, int] = {}
         t0 = time.perf_counter()
         t_end = t0 + secs
-        await asyncio.gather(
-            *(
-                _http_worker(host, port, http_requests(url.path, f"{host}:{port}", token, tasks, bodies, 64, k),
-                             t_end, lat, statuses)  # fmt: skip
-                for k in range(concurrency)
+        workers = [
+            asyncio.ensure_future(
+                _http_worker(
+                    host,
+                    port,
+                    http_requests(url.path, f"{host}:{port}", token, tasks, bodies, 64, k),
+                    t_end,
+                    lat,
+                    statuses,
+                )  # fmt: skip
             )
-        )
+            for k in range(concurrency)
+        ]
+        _, late = await asyncio.wait(workers, timeout=secs + 30.0)  # a request still open 30 s after the end
+        for w in late:
+            w.cancel()
+        if late:
+            statuses[-1] = len(late)  # -1: connections cut while waiting for an answer
         return lat, statuses, time.perf_counter() - t0
 
     asyncio.run(run(min(2.0, seconds)))  # warm-up: every worker and (mostly) every task
@@ -524,6 +562,10 @@ def section_ceiling(tmp: Path, tasks: list[str], jpegs: list[bytes], prof: Profi
     mar = build_null_mar(tmp / "null-mar")
     rows = []
     for workers, batch, delay in prof.ceiling_configs:
+        if out_of_time():
+            rows.append({"workers": workers, "batch_size": batch, "max_batch_delay_ms": delay,
+                         "skipped": "time budget spent"})  # fmt: skip
+            continue
         with TorchServe(mar, tmp / f"ts-null-{workers}x{batch}x{delay}", settings=settings, workers=workers,
                         batch_size=batch, max_batch_delay_ms=delay, env=ts_env({})) as ts:  # fmt: skip
             res = http_load(ts, tasks, jpegs, concurrency, prof.http_seconds)
@@ -562,7 +604,9 @@ def environment(device: torch.device, dtype: torch.dtype, backbone: str) -> dict
         "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "dtype": str(dtype).replace("torch.", ""),
         "backbone": backbone,
         "torch_threads": torch.get_num_threads(),
@@ -590,7 +634,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         for r in result["assembly"]:
             rows.append({"what": "assembly", "B": r["B"], "ms": r["median_ms"], "goal": "<= 0.3 ms at B=64"})
     if isinstance(result.get("compile"), list):
-        for r in result["compile"]:
+        for r in (r for r in result["compile"] if "case" in r):
             rows.append({"what": f"compile[{r['mode']}] {r['case']}", "B": r["B"], "ms": r["median_ms"],
                          "x_bare": r["vs_eager_bare"]})  # fmt: skip
     if isinstance(result.get("engine"), list):
@@ -602,7 +646,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"what": f"http c={h['concurrency']} ({h['workers']}x{h['batch_size']}x{h['max_batch_delay_ms']})",
                      "per_s": h["requests_per_s"], "ms": h["p50_ms"], "goal": ">= 1500/s (GPU)"})  # fmt: skip
     if isinstance(result.get("ceiling"), list):
-        for c in result["ceiling"]:
+        for c in (c for c in result["ceiling"] if "requests_per_s" in c):
             rows.append({"what": f"ceiling c={c['concurrency']} ({c['workers']}x{c['batch_size']}x"
                          f"{c['max_batch_delay_ms']})", "per_s": c["requests_per_s"], "ms": c["p50_ms"]})  # fmt: skip
     cols = ["what", "B", "ms", "per_s", "x_bare", "goal"]
@@ -622,22 +666,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cpu")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    ap.add_argument("--dtype", default="auto", help=f"auto (fp16 on CUDA, fp32 on CPU) or one of {sorted(DTYPES)}")
+    ap.add_argument(
+        "--dtype", default="auto", help=f"auto (fp16 on CUDA, fp32 on CPU) or one of {sorted(DTYPES)}"
+    )
     ap.add_argument("--backbone", default=None, help="timm name (default: vit_base_patch16_224 on CUDA)")
     ap.add_argument("--batches", default=None, help="model batch sizes, e.g. 1,64,256")
     ap.add_argument("--engine-batches", default=None, help="engine batch sizes, e.g. 1,8,64,256")
     ap.add_argument("--compile-modes", default=None, help="torch.compile modes to measure ('' for none)")
-    ap.add_argument("--ceiling-configs", default=None, help="WORKERSxBATCHxDELAYMS,... for the null front end")
+    ap.add_argument(
+        "--ceiling-configs", default=None, help="WORKERSxBATCHxDELAYMS,... for the null front end"
+    )
     ap.add_argument("--http-seconds", type=float, default=None)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--only", default=None, help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
-    ap.add_argument("--budget-s", type=float, default=0.0, help="skip later sections once this is spent (0: none)")
+    ap.add_argument(
+        "--budget-s", type=float, default=0.0, help="skip later sections once this is spent (0: none)"
+    )
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     ap.add_argument("--out", default=None, help="default: benchmarks/results/gpu_<device>.json")
     args = ap.parse_args(argv)
 
+    # SIGTERM (`timeout`) unwinds like Ctrl-C: the TorchServe instances and the private Redis are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.monotonic()
+    if args.budget_s:
+        _DEADLINE[0] = t_start + args.budget_s
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     dev = "cpu" if dev == "auto" else dev
     device = torch.device(dev)
@@ -668,9 +722,17 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "environment": environment(device, dtype, prof.backbone),
-        "config": {"quick": args.quick, "num_tasks": NUM_TASKS, "mixed_tasks": MIXED_TASKS, "P": 10, "T": 5,
-                   "padded_kinds (P, T, half-pruned)": PADDED, "concurrency": args.concurrency,
-                   "profile": prof.__dict__, "budget_s": args.budget_s},  # fmt: skip
+        "config": {
+            "quick": args.quick,
+            "num_tasks": NUM_TASKS,
+            "mixed_tasks": MIXED_TASKS,
+            "P": 10,
+            "T": 5,
+            "padded_kinds (P, T, half-pruned)": PADDED,
+            "concurrency": args.concurrency,
+            "profile": prof.__dict__,
+            "budget_s": args.budget_s,
+        },  # fmt: skip
         "skipped": {},
     }
 
@@ -682,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in wanted:
             return
         spent = time.monotonic() - t_start
-        if why_not is None and args.budget_s and spent > args.budget_s:
+        if why_not is None and out_of_time():
             why_not = f"time budget spent ({spent:.0f} s of {args.budget_s:.0f} s)"
         if why_not is not None:
             result["skipped"][name] = why_not

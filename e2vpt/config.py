@@ -50,9 +50,9 @@ class Settings(BaseSettings):
     # load. "auto": float16 on a CUDA device, float32 elsewhere (docs/gpu-serving.md).
     serving_dtype: str = "auto"
     # torch backend: run the prompted forward through torch.compile (off by default; the first batch of each
-    # new shape compiles, tens of seconds). Mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune",
-    # "max-autotune-no-cudagraphs".
+    # new shape compiles, tens of seconds).
     torch_compile: bool = False
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs".
     torch_compile_mode: str = "default"
     top_k: int = 5
     # Images: encoded size limit and decoded pixel limit (larger -> 413); decompression bombs -> 413.
@@ -80,10 +80,11 @@ class Settings(BaseSettings):
     ts_workers: int = 1
     ts_batch_size: int = 8
     ts_max_batch_delay_ms: int = 5
-    # On a CUDA device (device cuda*) these replace ts_workers / ts_batch_size / ts_max_batch_delay_ms where
-    # those are not set explicitly (docs/gpu-serving.md says why these values).
+    # On a CUDA device (device cuda*), ts_workers where that is not set explicitly (docs/gpu-serving.md).
     ts_gpu_workers: int = 2
+    # On a CUDA device, ts_batch_size where that is not set explicitly.
     ts_gpu_batch_size: int = 64
+    # On a CUDA device, ts_max_batch_delay_ms where that is not set explicitly.
     ts_gpu_max_batch_delay_ms: int = 5
     ts_response_timeout_s: int = 60
     ts_startup_timeout_s: int = 120
