@@ -310,6 +310,47 @@ def section_assembly(bb: Backbone, prof: Profile, device: torch.device, dtype: t
     return rows
 
 
+def compile_mode(bb: Backbone, mode: str, eager: Any, images: torch.Tensor, a: Assembled, device: torch.device,
+                 prof: Profile) -> list[dict]:  # fmt: skip
+    """One torch.compile mode against eager: first-call (compile) seconds, agreement, and timings."""
+    B = images.shape[0]
+    rows = []
+    torch._dynamo.reset()  # each mode compiles afresh (no cache entries of the previous mode)
+    backend = make_backend(
+        "torch", bb, Settings(device=str(device), torch_compile=True, torch_compile_mode=mode)
+    )
+    compile_s = {}
+    for name, aa in (("bare", None), ("mixed", a)):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            v_backend(backend, images, aa)()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compile_s[name] = time.perf_counter() - t0
+    with torch.inference_mode():  # compiled and eager agree (fp16: a few 1e-3 on logits)
+        diff = (v_backend(backend, images, a)().float() - v_backend(eager, images, a)().float()).abs().max()
+    cases = {
+        "eager_bare": v_backend(eager, images, None),
+        "eager_mixed": v_backend(eager, images, a),
+        "compiled_bare": v_backend(backend, images, None),
+        "compiled_mixed": v_backend(backend, images, a),
+    }
+    res = time_cases(cases, device, prof.warmup, prof.repeats)
+    for name, r in res.items():
+        rows.append(
+            {
+                "mode": mode,
+                "B": B,
+                "case": name,
+                **r,
+                "vs_eager_bare": r["median_ms"] / res["eager_bare"]["median_ms"],
+                "first_call_s": compile_s.get(name.split("_", 1)[1]) if name.startswith("compiled") else None,
+                "max_abs_logit_diff_vs_eager": float(diff) if name == "compiled_mixed" else None,
+            }
+        )
+    return rows
+
+
 def section_compile(bb: Backbone, prof: Profile, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Eager vs torch.compile'd torch backend (through the settings), bare and mixed, at B = 64."""
     B = 64 if device.type == "cuda" else max(prof.model_batches)
@@ -323,43 +364,11 @@ def section_compile(bb: Backbone, prof: Profile, device: torch.device, dtype: to
         if out_of_time():
             rows.append({"mode": mode, "skipped": "time budget spent"})
             continue
-        torch._dynamo.reset()  # each mode compiles afresh (no cache entries of the previous mode)
-        backend = make_backend(
-            "torch", bb, Settings(device=str(device), torch_compile=True, torch_compile_mode=mode)
-        )
-        compile_s = {}
-        for name, aa in (("bare", None), ("mixed", a)):
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                v_backend(backend, images, aa)()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_s[name] = time.perf_counter() - t0
-        with torch.inference_mode():  # compiled and eager agree (fp16: a few 1e-3 on logits)
-            diff = (
-                (v_backend(backend, images, a)().float() - v_backend(eager, images, a)().float()).abs().max()
-            )
-        cases = {
-            "eager_bare": v_backend(eager, images, None),
-            "eager_mixed": v_backend(eager, images, a),
-            "compiled_bare": v_backend(backend, images, None),
-            "compiled_mixed": v_backend(backend, images, a),
-        }
-        res = time_cases(cases, device, prof.warmup, prof.repeats)
-        for name, r in res.items():
-            rows.append(
-                {
-                    "mode": mode,
-                    "B": B,
-                    "case": name,
-                    **r,
-                    "vs_eager_bare": r["median_ms"] / res["eager_bare"]["median_ms"],
-                    "first_call_s": compile_s.get(name.split("_", 1)[1])
-                    if name.startswith("compiled")
-                    else None,
-                    "max_abs_logit_diff_vs_eager": float(diff) if name == "compiled_mixed" else None,
-                }
-            )
+        try:  # one mode failing to compile keeps the others
+            rows.extend(compile_mode(bb, mode, eager, images, a, device, prof))
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append({"mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         print_rows(f"compile {mode}", [r for r in rows if r["mode"] == mode and "case" in r])
     return rows
 
@@ -547,9 +556,13 @@ def section_http(ckpt: Path, tmp: Path, redis_url: str, namespace: str, tasks: l
         "device": settings.device, "serving_dtype": settings.serving_dtype, "backend": "torch"})  # fmt: skip
     workers, batch, delay = settings.ts_batching
     env = ts_env({"E2VPT_REDIS_URL": redis_url, "E2VPT_STORE_NAMESPACE": namespace})
-    with TorchServe(mar, tmp / "ts", settings=settings, workers=workers, batch_size=batch,
-                    max_batch_delay_ms=delay, env=env) as ts:  # fmt: skip
+    ts = TorchServe(mar, tmp / "ts", settings=settings, workers=workers, batch_size=batch,
+                    max_batch_delay_ms=delay, env=env)  # fmt: skip
+    try:
+        ts.start(timeout=max(settings.ts_startup_timeout_s, 300))  # workers load the backbone: slow when busy
         res = http_load(ts, tasks, jpegs, concurrency, prof.http_seconds)
+    finally:
+        ts.stop()
     out = {"workers": workers, "batch_size": batch, "max_batch_delay_ms": delay, "tasks": len(tasks), **res}
     print_rows("http (TorchServe, product .mar)", [out])
     return out
@@ -560,16 +573,23 @@ def section_ceiling(tmp: Path, tasks: list[str], jpegs: list[bytes], prof: Profi
     from e2vpt.torchserve.archive import TorchServe
 
     mar = build_null_mar(tmp / "null-mar")
-    rows = []
-    for workers, batch, delay in prof.ceiling_configs:
+    rows: list[dict[str, Any]] = []
+    for k, (workers, batch, delay) in enumerate(prof.ceiling_configs):
+        row: dict[str, Any] = {"workers": workers, "batch_size": batch, "max_batch_delay_ms": delay}
         if out_of_time():
-            rows.append({"workers": workers, "batch_size": batch, "max_batch_delay_ms": delay,
-                         "skipped": "time budget spent"})  # fmt: skip
+            rows.append({**row, "skipped": "time budget spent"})
             continue
-        with TorchServe(mar, tmp / f"ts-null-{workers}x{batch}x{delay}", settings=settings, workers=workers,
-                        batch_size=batch, max_batch_delay_ms=delay, env=ts_env({})) as ts:  # fmt: skip
-            res = http_load(ts, tasks, jpegs, concurrency, prof.http_seconds)
-        rows.append({"workers": workers, "batch_size": batch, "max_batch_delay_ms": delay, **res})
+        ts = TorchServe(mar, tmp / f"ts-null-{k}", settings=settings, workers=workers, batch_size=batch,
+                        max_batch_delay_ms=delay, env=ts_env({}))  # fmt: skip
+        try:  # one config failing (e.g. workers too slow to start on a loaded machine) keeps the others
+            ts.start(timeout=max(settings.ts_startup_timeout_s, 300))
+            row.update(http_load(ts, tasks, jpegs, concurrency, prof.http_seconds))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            ts.stop()
+        row["loadavg"] = os.getloadavg()
+        rows.append(row)
         print_rows("ceiling (TorchServe, null engine)", rows[-1:])
     return rows
 
