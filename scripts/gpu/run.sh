@@ -5,14 +5,15 @@
 #   here (plumbing test, CPU, quick bench):  OUT=/tmp/x bash scripts/gpu/run.sh
 #
 # Needs .gpu_kit/ from scripts/gpu/prepare.sh. Steps (each under `timeout`, the whole run under
-# KIT_BUDGET_S seconds; a failing step is recorded and the run goes on):
+# KIT_BUDGET_S seconds (510), only the steps named in KIT_STEPS when set; a failing step is recorded and
+# the run goes on):
 #   install   the carried wheels into $SITE (pip --no-index --no-deps --target); PYTHONPATH=$SITE:$PWD
 #   redis     the carried redis-server (own loader, LD_LIBRARY_PATH) on a free port in a temp dir: REDIS_URL,
 #             and on PATH for the tests that start their own
-#   cuda      pytest -m cuda over all tests
-#   bench     benchmarks/bench_gpu.py (full on CUDA, --quick on a CPU) -> gpu_<device>.json
-#   benches   bench_attention / bench_assembly / bench_images / bench_model with --device cuda (those present)
-#   tests     tests/core and tests/serving (E2VPT_DEVICE=cuda when the tests read it)
+#   pytest_cuda   pytest -m cuda over all tests
+#   bench_gpu     benchmarks/bench_gpu.py (full on CUDA, --quick on a CPU) -> gpu_<device>.json
+#   bench_*       bench_attention / bench_assembly / bench_images / bench_model with --device cuda (those present)
+#   pytest_tests  tests/core and tests/serving (E2VPT_DEVICE=cuda when the tests read it)
 # $OUT gets at most 8 files (the device tool's limit): summary.md, gpu_<device>.json, bench_gpu.log,
 # pytest_cuda.log, pytest_tests.log, kit.tar.gz (every log, other results, junit XML).
 set -u
@@ -33,6 +34,8 @@ echo "| step | rc | seconds | note |" >> "$SUMMARY"
 echo "|---|---|---|---|" >> "$SUMMARY"
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+# KIT_STEPS=pytest_cuda,bench_gpu,...: run only these steps (default: all)
+wanted() { [[ $1 == install || ",${KIT_STEPS:-all}," == *",all,"* || ",${KIT_STEPS:-}," == *",$1,"* ]]; }
 
 # step NAME LIMIT_S CMD...: run CMD under `timeout` (at most LIMIT_S, at most what the budget leaves),
 # its output to logs/NAME.log; record rc and seconds. 124 = timed out.
@@ -40,6 +43,10 @@ step() {
     local name=$1 limit=$2
     shift 2
     local budget t0 rc
+    if ! wanted "$name"; then
+        echo "| $name | - | 0 | not in KIT_STEPS |" >> "$SUMMARY"
+        return 0
+    fi
     budget=$(( $(left) - 15 ))
     if [ "$budget" -lt "$limit" ]; then limit=$budget; fi
     if [ "$limit" -lt 20 ]; then
@@ -88,7 +95,7 @@ if [ -n "$REDIS_BIN" ]; then
     "$REDIS_BIN" --port "$PORT" --bind 127.0.0.1 --dir "$WORK/redis" --save '' --appendonly no \
         > "$WORK/logs/redis.log" 2>&1 &
     REDIS_PID=$!
-    export REDIS_URL="redis://127.0.0.1:$PORT/0" E2VPT_REDIS_URL="redis://127.0.0.1:$PORT/0"
+    export REDIS_URL="redis://127.0.0.1:$PORT/0"   # the tests' redis_url fixture, Settings.redis_url, bench_gpu
     if "$PY" - <<'PY' >> "$WORK/logs/redis.log" 2>&1
 import os, time, redis
 r = redis.Redis.from_url(os.environ["REDIS_URL"])
@@ -118,13 +125,13 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-erro
 step pytest_cuda 150 "${PYTEST[@]}" -m cuda --junitxml="$WORK/results/junit_cuda.xml" tests
 
 # ---- the GPU benchmark (its own budget, so that it ends inside the step and writes its JSON)
-step bench_gpu 300 "$PY" benchmarks/bench_gpu.py --device "$DEV" $QUICK --budget-s 220 \
+step bench_gpu 240 "$PY" benchmarks/bench_gpu.py --device "$DEV" $QUICK --budget-s 180 \
     --out "$WORK/results/gpu_$DEV.json" ${BENCH_GPU_ARGS:-$([ "$HAS_CUDA" = 1 ] || echo "--http-seconds 3 --budget-s 120")}
 
 # ---- the other benchmarks that take --device (those present)
 for b in bench_attention bench_assembly bench_images bench_model; do
     if [ -f "benchmarks/$b.py" ]; then
-        step "$b" 75 "$PY" "benchmarks/$b.py" --device "$DEV" --quick
+        step "$b" 60 "$PY" "benchmarks/$b.py" --device "$DEV" --quick
     else
         echo "| $b | - | 0 | not present |" >> "$SUMMARY"
     fi
@@ -134,7 +141,7 @@ cp benchmarks/results/*_cuda*.json "$WORK/results/" 2>/dev/null || true
 # ---- core and serving tests on the device's torch (E2VPT_DEVICE=cuda when the tests read it)
 TEST_ENV=()
 if [ "$HAS_CUDA" = 1 ] && grep -rqs "E2VPT_DEVICE" tests/; then TEST_ENV=(env E2VPT_DEVICE=cuda); fi
-step pytest_tests 180 "${TEST_ENV[@]}" "${PYTEST[@]}" --junitxml="$WORK/results/junit_tests.xml" tests/core tests/serving
+step pytest_tests 120 "${TEST_ENV[@]}" "${PYTEST[@]}" --junitxml="$WORK/results/junit_tests.xml" tests/core tests/serving
 
 # ---- collect into $OUT (at most 8 files)
 {
