@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean gpu-kit gpu-kit-test
 
 setup: $(STAMP)
 
@@ -33,3 +33,11 @@ clean:
 
 demo: setup
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+# The GPU run kit (docs/gpu-serving.md): wheels + redis-server for the device machine in .gpu_kit/ ...
+gpu-kit:
+	bash scripts/gpu/prepare.sh
+
+# ... and its plumbing test here (this venv's Python: the carried wheels are for the device's CPython 3.12).
+gpu-kit-test: setup gpu-kit
+	PYTHON=$(BIN)/python KIT_INSTALL=0 OUT=$${OUT:-/tmp/e2vpt-gpu-out} bash scripts/gpu/run.sh

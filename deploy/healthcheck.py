@@ -75,7 +75,8 @@ def check(service: str, host: str, timeout: float, key_files: list[Path]) -> tup
         except (ValueError, AttributeError, TypeError):
             return False, f"unexpected model description {body[:200]!r}"
         ready = sum(1 for w in workers if w.get("status") == "READY")
-        return ready >= max(1, settings.ts_workers), f"{ready}/{settings.ts_workers} workers READY"
+        want = settings.ts_batching[0]  # the workers `serve start` asked for (GPU default on cuda)
+        return ready >= max(1, want), f"{ready}/{want} workers READY"
     status, body = get(f"http://{host}:{settings.registry_port}/healthz", None, timeout)
     return status == 200, f"/healthz -> {status} {body.strip()[:200]}"
 

@@ -75,8 +75,14 @@ class Settings(BaseSettings):
     # --- serving: images, engine, prompt cache, metrics (issue 5) ----------------------------------
     # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx.backend).
     backend: str = "torch"
-    # Model dtype for serving ("float32", "float16", "bfloat16"); prompt sets are converted once on load.
-    serving_dtype: str = "float32"
+    # Model dtype for serving ("auto", "float32", "float16", "bfloat16"); prompt sets are converted once on
+    # load. "auto": float16 on a CUDA device, float32 elsewhere (docs/gpu-serving.md).
+    serving_dtype: str = "auto"
+    # torch backend: run the prompted forward through torch.compile (off by default; the first batch of each
+    # new shape compiles, tens of seconds).
+    torch_compile: bool = False
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs".
+    torch_compile_mode: str = "default"
     top_k: int = 5
     # Images: encoded size limit and decoded pixel limit (larger -> 413); decompression bombs -> 413.
     max_image_bytes: int = 16 * 1024 * 1024
@@ -103,6 +109,12 @@ class Settings(BaseSettings):
     ts_workers: int = 1
     ts_batch_size: int = 8
     ts_max_batch_delay_ms: int = 5
+    # On a CUDA device (device cuda*), ts_workers where that is not set explicitly (docs/gpu-serving.md).
+    ts_gpu_workers: int = 2
+    # On a CUDA device, ts_batch_size where that is not set explicitly.
+    ts_gpu_batch_size: int = 64
+    # On a CUDA device, ts_max_batch_delay_ms where that is not set explicitly.
+    ts_gpu_max_batch_delay_ms: int = 5
     ts_response_timeout_s: int = 60
     ts_startup_timeout_s: int = 120
     ts_token_expiration_min: int = 60
@@ -148,6 +160,32 @@ class Settings(BaseSettings):
             max_kv_tokens=self.max_kv_tokens,
             max_classes=self.max_classes,
         )
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def serving_dtype_name(self) -> str:
+        """`serving_dtype` with "auto" resolved: "float16" on a CUDA device, "float32" elsewhere."""
+        if self.serving_dtype == "auto":
+            return "float16" if self.on_cuda else "float32"
+        return self.serving_dtype
+
+    @property
+    def ts_batching(self) -> tuple[int, int, int]:
+        """(workers, batch size, max batch delay ms) of the TorchServe model: the ts_gpu_* values on a CUDA
+        device for whichever of ts_workers / ts_batch_size / ts_max_batch_delay_ms is not set explicitly."""
+        explicit = self.model_fields_set
+        pairs = (
+            ("ts_workers", "ts_gpu_workers"),
+            ("ts_batch_size", "ts_gpu_batch_size"),
+            ("ts_max_batch_delay_ms", "ts_gpu_max_batch_delay_ms"),
+        )
+        w, b, d = (
+            getattr(self, gpu if self.on_cuda and plain not in explicit else plain) for plain, gpu in pairs
+        )
+        return int(w), int(b), int(d)
 
     @property
     def onnx_limits(self) -> tuple[int, int]:

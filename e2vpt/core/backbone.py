@@ -208,9 +208,12 @@ def load_backbone(
                 f"cannot load checkpoint {path} into {name}: {type(exc).__name__}: {exc}"
             ) from exc
         log.info("loaded backbone %s from %s", name, path)
+    # The fingerprint names the weights, not their serving dtype: taken before the cast, so that an fp16
+    # engine on a GPU and the fp32 registry agree on it (and on the store's key prefix).
+    info = describe(model, name, model_kwargs)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
-    return Backbone(model=model, info=describe(model, name, model_kwargs))
+    return Backbone(model=model, info=info)
 
 
 def describe(model: VisionTransformer, name: str, model_kwargs: dict[str, Any] | None = None) -> BackboneInfo:

@@ -6,6 +6,7 @@ applies the per-task heads itself (`TableBatch.logits`), so every backend gives 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -28,19 +29,35 @@ class FeatureBackend(Protocol):
     ) -> Tensor: ...
 
 
+# torch.compile modes the torch backend accepts (settings torch_compile / torch_compile_mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class TorchBackend:
-    """Eager PyTorch on the backbone's device."""
+    """PyTorch on the backbone's device: eager, or through `torch.compile` when `compile_mode` is given
+    ("reduce-overhead" replays CUDA graphs). A compiled forward compiles on its first call and again for
+    new input shapes (batch size, padded P and T), so the first batches of a new shape are slow."""
 
     name = "torch"
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, *, compile_mode: str | None = None) -> None:
         self.model = PromptedViT(backbone).eval()
+        self.compile_mode = compile_mode
+        self._forward: Callable[..., Tensor] = self.model.forward_features
+        if compile_mode is not None:
+            if compile_mode not in COMPILE_MODES:
+                raise BackendUnavailable(
+                    f"unknown torch_compile_mode {compile_mode!r}; expected one of {COMPILE_MODES}"
+                )
+            self._forward = torch.compile(self.model.forward_features, mode=compile_mode)
 
     @torch.inference_mode()
     def features(
         self, images: Tensor, visual: Tensor, kv: Tensor, visual_valid: Tensor | None, kv_valid: Tensor | None
     ) -> Tensor:
-        return self.model.forward_features(images, visual, kv, visual_valid, kv_valid)
+        out = self._forward(images, visual, kv, visual_valid, kv_valid)
+        # CUDA-graph replays reuse their output buffers: the caller gets its own copy
+        return out.clone() if self.compile_mode == "reduce-overhead" else out
 
 
 BACKENDS = ("torch", "onnxruntime")
@@ -50,7 +67,9 @@ def make_backend(kind: str, backbone: Backbone, settings: Settings) -> FeatureBa
     """The backend the engine computes features with: "torch" or "onnxruntime" (imported lazily; see
     `e2vpt.onnx.backend.create_backend`)."""
     if kind == "torch":
-        return TorchBackend(backbone)
+        return TorchBackend(
+            backbone, compile_mode=settings.torch_compile_mode if settings.torch_compile else None
+        )
     if kind == "onnxruntime":
         from e2vpt.onnx.backend import create_backend
 

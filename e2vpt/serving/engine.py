@@ -77,11 +77,13 @@ class Result:
 
 
 def serving_dtype(settings: Settings) -> torch.dtype:
-    if settings.serving_dtype not in DTYPES:
+    """The model dtype: `serving_dtype`, "auto" meaning float16 on a CUDA device and float32 elsewhere."""
+    name = settings.serving_dtype_name
+    if name not in DTYPES:
         raise BadRequest(
-            f"unknown serving dtype {settings.serving_dtype!r}; expected one of {sorted(DTYPES)}"
+            f"unknown serving dtype {settings.serving_dtype!r}; expected one of {['auto', *sorted(DTYPES)]}"
         )
-    return DTYPES[settings.serving_dtype]
+    return DTYPES[name]
 
 
 class MultiTaskEngine:

@@ -128,11 +128,10 @@ class TorchServe:
         self.mar = Path(mar).resolve()
         self.model_name = self.mar.stem
         self.workdir = Path(workdir).resolve()
-        self.workers = workers if workers is not None else s.ts_workers
-        self.batch_size = batch_size if batch_size is not None else s.ts_batch_size
-        self.max_batch_delay_ms = (
-            max_batch_delay_ms if max_batch_delay_ms is not None else s.ts_max_batch_delay_ms
-        )
+        ts_workers, ts_batch_size, ts_delay_ms = s.ts_batching  # GPU values on a CUDA device
+        self.workers = workers if workers is not None else ts_workers
+        self.batch_size = batch_size if batch_size is not None else ts_batch_size
+        self.max_batch_delay_ms = max_batch_delay_ms if max_batch_delay_ms is not None else ts_delay_ms
         self.bind = bind or s.ts_bind
         self.inference_port = inference_port or free_port()
         self.management_port = management_port or free_port()
