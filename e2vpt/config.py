@@ -53,9 +53,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     # Image formats accepted (Pillow format names); anything else is refused (400) before decoding.
-    # JPEG2000 is off by default (a 540 KB file can decode to 1.4 GB); added here, it is decoded at a reduced
-    # resolution of at most image_reduce_pixels pixels.
+    # JPEG2000 is off by default (a 540 KB file can decode to 1.4 GB); added, it is decoded at reduced size.
     image_formats: list[str] = ["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"]
+    # Formats that can decode at a reduced resolution (JPEG2000) do so to at most this many pixels.
     image_reduce_pixels: int = 1_000_000
     # Threads decoding and resizing images (CPU decoders, and non-JPEG images on a CUDA engine); 0: min(8, cores).
     image_decode_threads: int = 0
