@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms as T
 from PIL import Image
 
 from e2vpt.core.backbone import Backbone
@@ -21,7 +20,7 @@ from e2vpt.core.images import (
     eval_transform,
     pil_to_tensor,
 )
-from e2vpt.dev.images import image_bytes
+from e2vpt.dev.images import image_bytes, photo_jpeg, pil_reference_transform
 from e2vpt.errors import ImageTooLarge, InvalidImage
 
 
@@ -121,14 +120,11 @@ def test_tensor_transform_is_close_to_the_pillow_transform(backbone: Backbone) -
     """The old PIL recipe (torchvision transforms on PIL images) and the tensor one differ by at most one
     grey level per pixel after resizing (rounding), measured here on a photo-like image."""
     info = backbone.info
-    img = decode_image(smooth_jpeg(3, (640, 480)))
-    for recipe, resize in (("vtab", info.img_size), ("fgvc", tuple(round(s * 256 / 224) for s in info.img_size))):
-        steps = [T.Resize(tuple(resize), interpolation=T.InterpolationMode.BICUBIC)]
-        if recipe == "fgvc":
-            steps.append(T.CenterCrop(tuple(info.img_size)))
-        old = T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])(img)
+    img = decode_image(photo_jpeg(3))
+    step = 1 / 255 / min(info.std)
+    for recipe in ("vtab", "fgvc"):
+        old = pil_reference_transform(info, recipe)(img)
         new = eval_transform(info, recipe)(img)
-        step = 1 / 255 / min(info.std)
         assert (old - new).abs().max() <= step + 1e-5
 
 
