@@ -157,6 +157,35 @@ def is_fast_jpeg(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode in _FAST_JPEG_MODES
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 (as stored) when absent or unreadable."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a corrupt EXIF block: Pillow's exif_transpose would not rotate either
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_orientation(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """[..., H, W] pixels as stored -> as displayed (what `ImageOps.exif_transpose` does), on any device.
+    torchvision applies EXIF orientation only on the CPU, so the nvjpeg path needs this."""
+    if orientation == 2:
+        return x.flip(-1)
+    if orientation == 3:
+        return x.flip(-2, -1)
+    if orientation == 4:
+        return x.flip(-2)
+    if orientation == 5:
+        return x.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(x, -1, (-2, -1))
+    if orientation == 7:
+        return x.flip(-2, -1).transpose(-2, -1)
+    if orientation == 8:
+        return torch.rot90(x, 1, (-2, -1))
+    return x
+
+
 def as_uint8_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
@@ -172,9 +201,8 @@ def decode_tensor(data: bytes | bytearray | memoryview | None, limits: ImageLimi
     assert data is not None
     if is_fast_jpeg(img):
         try:
-            return tvio.decode_jpeg(
-                as_uint8_tensor(data), mode=tvio.ImageReadMode.RGB, apply_exif_orientation=True
-            )
+            x = tvio.decode_jpeg(as_uint8_tensor(data), mode=tvio.ImageReadMode.RGB)
+            return apply_orientation(x, exif_orientation(img)).contiguous()
         except Exception:  # anything torchvision refuses, Pillow decides (and types the error)
             pass
     return pil_to_tensor(_load(img, limits))

@@ -1,7 +1,8 @@
 """`ImagePipeline`: a batch of encoded images -> one normalised input tensor per item, in batches.
 
 decode(): every header is read and checked first (format allowed, bytes, pixels, bombs). On a CUDA
-engine, baseline JPEGs are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list);
+engine, baseline JPEGs are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
+EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
 every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
 decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
 one corrupt file fails its own item only (typed, `InvalidImage` / `ImageTooLarge`).
@@ -25,8 +26,10 @@ from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import (
     ImageLimits,
     Preprocess,
+    apply_orientation,
     as_uint8_tensor,
     decode_tensor,
+    exif_orientation,
     is_fast_jpeg,
     open_image,
 )
@@ -84,6 +87,7 @@ class ImagePipeline:
         limits = limits or self.limits
         out: list[Decoded | None] = [None] * len(images)
         gpu: list[int] = []
+        orientation: list[int] = []
         cpu: list[int] = []
         for i, data in enumerate(images):
             if not self.gpu_decode:
@@ -91,14 +95,19 @@ class ImagePipeline:
                 continue
             try:
                 img = open_image(data, limits)
-                (gpu if is_fast_jpeg(img) else cpu).append(i)
+                if is_fast_jpeg(img):
+                    gpu.append(i)
+                    orientation.append(exif_orientation(img))
+                else:
+                    cpu.append(i)
             except Exception as exc:
                 out[i] = _typed(exc)
         futures = {i: self._pool.submit(self._decode_one, images[i], limits) for i in cpu}
         if gpu:
-            for i, x in zip(gpu, self._decode_gpu([images[i] for i in gpu]), strict=True):
+            decoded = self._decode_gpu([images[i] for i in gpu])
+            for i, x, o in zip(gpu, decoded, orientation, strict=True):
                 # nvjpeg refused it: the CPU decoders (and Pillow's verdict) decide
-                out[i] = x if x is not None else self._decode_one(images[i], limits)
+                out[i] = apply_orientation(x, o) if x is not None else self._decode_one(images[i], limits)
         for i, fut in futures.items():
             out[i] = fut.result()
         return self._fill(out)
@@ -110,7 +119,7 @@ class ImagePipeline:
     def _decode_gpu(self, images: Sequence[bytes]) -> list[torch.Tensor | None]:
         """nvjpeg on a list; if the batch call fails, image by image (None: this image failed)."""
         tensors = [as_uint8_tensor(d) for d in images]
-        kw = {"mode": tvio.ImageReadMode.RGB, "device": self.device, "apply_exif_orientation": True}
+        kw = {"mode": tvio.ImageReadMode.RGB, "device": self.device}  # EXIF: applied by the caller
         try:
             return list(tvio.decode_jpeg(tensors, **kw))
         except Exception:

@@ -8,16 +8,19 @@ import io
 import numpy as np
 import pytest
 import torch
+import torchvision.io as tvio
 from PIL import Image
 
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import (
     ImageLimits,
     Preprocess,
+    apply_orientation,
     build_transform,
     decode_image,
     decode_tensor,
     eval_transform,
+    exif_orientation,
     pil_to_tensor,
 )
 from e2vpt.dev.images import image_bytes, photo_jpeg, pil_reference_transform
@@ -67,6 +70,18 @@ def test_decode_tensor_equals_pillow(name: str) -> None:
     x = decode_tensor(data, ImageLimits())
     assert x.dtype == torch.uint8 and x.shape[0] == 3
     assert torch.equal(x, pil_to_tensor(decode_image(data)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_matches_pillow(orientation: int) -> None:
+    """The tensor EXIF rotation (used after nvjpeg, which ignores EXIF) equals Pillow's exif_transpose."""
+    data = exif_jpeg(orientation)
+    img = Image.open(io.BytesIO(data))
+    assert exif_orientation(img) == orientation
+    stored = tvio.decode_jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB
+    )
+    assert torch.equal(apply_orientation(stored, orientation), pil_to_tensor(decode_image(data)))
 
 
 def test_formats_follow_the_limits() -> None:

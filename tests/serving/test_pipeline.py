@@ -55,6 +55,16 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
     }
 
 
+def rotated_jpeg() -> bytes:
+    """A JPEG stored 40x24 with EXIF orientation 6: displayed (and served) 24x40."""
+    img = Image.open(io.BytesIO(image_bytes(17, (40, 24), "JPEG")))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
 def good_images() -> list[bytes]:
     return [
         image_bytes(10, (64, 48), "JPEG"),
@@ -64,6 +74,7 @@ def good_images() -> list[bytes]:
         image_bytes(14, (35, 25), "WEBP"),
         image_bytes(15, (35, 25), "GIF", "P"),
         image_bytes(16, (35, 25), "JPEG", "CMYK"),
+        rotated_jpeg(),  # nvjpeg ignores EXIF: the pipeline rotates
     ]
 
 
@@ -91,7 +102,7 @@ def test_poison_images_fail_alone(pipeline: ImagePipeline) -> None:
 def test_transform_equals_the_reference(pipeline: ImagePipeline, backbone: Backbone) -> None:
     data = good_images()
     decoded = pipeline.decode(data)
-    recipes = ["vtab", "fgvc", "vtab", "fgvc", "vtab", "vtab", "fgvc"]
+    recipes = ["vtab", "fgvc", "vtab", "fgvc", "vtab", "vtab", "fgvc", "fgvc"]
     out = pipeline.transform(decoded, recipes)  # type: ignore[arg-type]
     for d, r, x in zip(data, recipes, out, strict=True):
         assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
@@ -176,7 +187,7 @@ def test_gpu_decode_path() -> None:
         for data, x in zip(good, out, strict=True):
             assert isinstance(x, torch.Tensor) and x.device.type == "cuda"
             ref = decode_tensor(data, ImageLimits())
-            assert x.shape == ref.shape
+            assert x.shape == ref.shape  # EXIF orientation applied on the GPU path too
             assert (x.cpu().int() - ref.int()).abs().float().mean() < 2.0
         assert all(isinstance(x, E2VPTError) for x in out[len(good) :])
         xs = pipe.transform(out[: len(good)], ["vtab"] * len(good))  # type: ignore[arg-type]
