@@ -255,6 +255,7 @@ class Preprocess:
         self.interpolation = _interpolation(info.interpolation)
         self._mean = torch.tensor(info.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(info.std, dtype=torch.float32).view(3, 1, 1)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         x = pil_to_tensor(img) if isinstance(img, Image.Image) else img
@@ -297,7 +298,9 @@ class Preprocess:
         return torch.stack(rows)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._mean.to(x.device), self._std.to(x.device)
+        if x.device not in self._stats:  # mean/std copied to a device once
+            self._stats[x.device] = (self._mean.to(x.device), self._std.to(x.device))
+        mean, std = self._stats[x.device]
         return (x.float() / 255.0 - mean) / std
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 import torchvision.io as tvio
@@ -74,6 +75,14 @@ class ImagePipeline:
             self._recipes[recipe] = Preprocess(self.info, recipe, train=False)
         return self._recipes[recipe]
 
+    def _map(
+        self, fn: Callable[..., Decoded], args: list[tuple[Any, ...]]
+    ) -> list[Decoded | Future[Decoded]]:
+        """Submitted to the pool (results later), or run here when a pool would only add overhead."""
+        if len(args) <= 1 or self.threads == 1:
+            return [fn(*a) for a in args]
+        return [self._pool.submit(fn, *a) for a in args]
+
     # ------------------------------------------------------------------ decode
     def _decode_one(self, data: bytes, limits: ImageLimits) -> Decoded:
         try:
@@ -102,14 +111,14 @@ class ImagePipeline:
                     cpu.append(i)
             except Exception as exc:
                 out[i] = _typed(exc)
-        futures = {i: self._pool.submit(self._decode_one, images[i], limits) for i in cpu}
+        futures = self._map(self._decode_one, [(images[i], limits) for i in cpu])
         if gpu:
             decoded = self._decode_gpu([images[i] for i in gpu])
             for i, x, o in zip(gpu, decoded, orientation, strict=True):
                 # nvjpeg refused it: the CPU decoders (and Pillow's verdict) decide
                 out[i] = apply_orientation(x, o) if x is not None else self._decode_one(images[i], limits)
-        for i, fut in futures.items():
-            out[i] = fut.result()
+        for i, x in zip(cpu, futures, strict=True):
+            out[i] = x.result() if isinstance(x, Future) else x
         return self._fill(out)
 
     @staticmethod
@@ -158,9 +167,9 @@ class ImagePipeline:
                 for i, x in zip(idx, xs, strict=True):
                     out[i] = self._transform_one(prep, x)
             else:
-                futures = [self._pool.submit(self._transform_one, prep, images[i]) for i in idx]
-                for i, fut in zip(idx, futures, strict=True):
-                    out[i] = fut.result()
+                results = self._map(self._transform_one, [(prep, images[i]) for i in idx])
+                for i, x in zip(idx, results, strict=True):
+                    out[i] = x.result() if isinstance(x, Future) else x
         return self._fill(out)
 
     def _transform_one(self, prep: Preprocess, x: torch.Tensor) -> Decoded:
