@@ -87,6 +87,15 @@ class Settings(BaseSettings):
     # Images: encoded size limit and decoded pixel limit (larger -> 413); decompression bombs -> 413.
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Image formats accepted (Pillow format names); anything else is refused (400) before decoding.
+    # JPEG2000 is off by default (a 540 KB file can decode to 1.4 GB); added, it is decoded at reduced size.
+    image_formats: list[str] = ["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"]
+    # Formats that can decode at a reduced resolution (JPEG2000) do so to at most this many pixels.
+    image_reduce_pixels: int = 1_000_000
+    # Threads decoding and resizing images (CPU decoders, and non-JPEG images on a CUDA engine); 0: min(8, cores).
+    image_decode_threads: int = 0
+    # On a CUDA engine, decode baseline JPEGs on the GPU (torchvision's nvjpeg decoder) in one batch.
+    image_gpu_decode: bool = True
     # Device-resident prompt cache: byte budget (LRU beyond it), pinned and preloaded task ids.
     cache_max_bytes: int = 512 * 1024 * 1024
     cache_pinned_tasks: list[str] = []

@@ -16,30 +16,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from e2vpt.core.backbone import BackboneInfo
-from e2vpt.core.images import RECIPES, build_transform  # noqa: F401  (re-exported: the one home is e2vpt.core.images)
-from e2vpt.errors import InvalidDataset
+from e2vpt.core.images import (  # noqa: F401  (RECIPES re-exported: the one home is e2vpt.core.images)
+    RECIPES,
+    TRAINING_LIMITS,
+    build_transform,
+    decode_image,
+)
+from e2vpt.errors import E2VPTError, InvalidDataset
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VTAB_LISTS = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
-Transform = Callable[[Image.Image], Tensor]
+Transform = Callable[[Image.Image | Tensor], Tensor]
 
 
-# ---------------------------------------------------------------------------------------- transforms
 # ---------------------------------------------------------------------------------------- datasets
+# Train/serve parity: files are decoded as serving decodes requests (`decode_image`: EXIF orientation,
+# alpha on white, 16-bit grayscale) and transformed by the same tensor `Preprocess` serving runs.
 def load_image(path: Path) -> Image.Image:
-    """An RGB image, or `InvalidDataset` naming the file."""
+    """An RGB image decoded as serving decodes it, or `InvalidDataset` naming the file."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        return decode_image(path.read_bytes(), limits=TRAINING_LIMITS)
+    except (OSError, E2VPTError) as exc:
         raise InvalidDataset(f"cannot read image {path}: {exc}") from exc
 
 
@@ -48,9 +53,8 @@ def verify_images(paths: Sequence[Path]) -> None:
     bad: list[str] = []
     for p in paths:
         try:
-            with Image.open(p) as img:
-                img.load()
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            decode_image(p.read_bytes(), limits=TRAINING_LIMITS)
+        except (OSError, E2VPTError) as exc:
             bad.append(f"{p} ({type(exc).__name__}: {exc})")
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -92,10 +96,9 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        img = Image.fromarray(self.images[index])
-        return (self.transform(img) if self.transform else T.functional.to_tensor(img)), int(
-            self.labels[index]
-        )
+        img = torch.from_numpy(self.images[index]).permute(2, 0, 1)  # uint8 [3, H, W], as served
+        x = self.transform(img) if self.transform else img.float() / 255.0
+        return x, int(self.labels[index])
 
     def with_transform(self, transform: Transform | None) -> ArrayDataset:
         return ArrayDataset(self.images, self.labels, transform)

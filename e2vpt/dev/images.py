@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 
 import torch
 from PIL import Image
+
+from e2vpt.core.backbone import BackboneInfo
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "PNG", mode: str = "RGB") -> bytes:
@@ -35,3 +38,31 @@ def png_header_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def photo_jpeg(seed: int, size: tuple[int, int] = (640, 480), quality: int = 90) -> bytes:
+    """A deterministic photo-like JPEG (smooth colour fields plus fine grain): realistic file sizes
+    (a 640x480 one is ~50-100 KB, where noise would be ~500 KB) for benchmarks and parity checks."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=(h, w), mode="bicubic")
+    grain = torch.randn(1, 3, h, w, generator=g) * 0.03
+    arr = ((base + grain).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def pil_reference_transform(
+    info: BackboneInfo, recipe: str = "vtab"
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform as the project ran it before the tensor `Preprocess` (torchvision transforms on
+    PIL images): kept only to measure train/serve parity against it (benchmarks/parity_images.py, tests)."""
+    import torchvision.transforms as T
+
+    size = tuple(info.img_size)
+    resize = size if recipe == "vtab" else tuple(round(s * 256 / 224) for s in size)
+    steps: list[Callable] = [T.Resize(resize, interpolation=T.InterpolationMode(info.interpolation))]
+    if recipe == "fgvc":
+        steps.append(T.CenterCrop(size))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])

@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from PIL import Image
 
 from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone, backbone_from_settings
-from e2vpt.core.images import decode_image, eval_transform
+from e2vpt.core.images import ImageLimits
 from e2vpt.core.promptset import check_task_id
 from e2vpt.errors import BadRequest, E2VPTError, http_status
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.backends import FeatureBackend, make_backend
 from e2vpt.serving.cache import CachedPrompts, PromptCache
 from e2vpt.serving.metrics import ServingMetrics
+from e2vpt.serving.pipeline import ImagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,14 @@ class MultiTaskEngine:
         self.device, self.dtype = backbone.device, backbone.dtype
         self.backend = backend or make_backend(self.settings.backend, backbone, self.settings)
         self.metrics = metrics or ServingMetrics(self.settings.metrics_top_tasks)
-        self._transforms: dict[str, Callable[[Image.Image], torch.Tensor]] = {}
+        self._limits = (self.settings, ImageLimits.from_settings(self.settings))
+        self.images = ImagePipeline(
+            self.info,
+            self._limits[1],
+            self.device,
+            threads=self.settings.image_decode_threads,
+            gpu_decode=self.settings.image_gpu_decode,
+        )
         self.cache = PromptCache(
             store,
             device=self.device,
@@ -133,6 +140,7 @@ class MultiTaskEngine:
             self.metrics_endpoint.stop()
         self.cache.close()
         self.store.close()
+        self.images.close()
 
     # ------------------------------------------------------------------ inference
     def predict(
@@ -143,7 +151,7 @@ class MultiTaskEngine:
         t0 = time.perf_counter()
         default_k = top_k if top_k is not None else self.settings.top_k
         out: list[Result | E2VPTError | None] = [None] * len(items)
-        ready: list[tuple[int, str, Image.Image, int]] = []
+        valid: list[tuple[int, str, int]] = []
         for i, item in enumerate(items):
             if isinstance(item, E2VPTError):
                 out[i] = item
@@ -153,22 +161,39 @@ class MultiTaskEngine:
                 k = item.top_k if item.top_k is not None else default_k
                 if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                     raise BadRequest(f"top_k must be a positive integer, got {k!r}")
-                img = decode_image(
-                    item.image,
-                    max_pixels=self.settings.max_image_pixels,
-                    max_bytes=self.settings.max_image_bytes,
-                )
-                ready.append((i, task_id, img, k))
+                valid.append((i, task_id, k))
             except E2VPTError as exc:
                 out[i] = exc
-        resolved = self.cache.get_many(t for _, t, _, _ in ready)  # holds each task's rows until returned
-        good: list[BatchItem] = []
-        for i, task_id, img, k in ready:
-            res = resolved[task_id]
+        # decoded in one batch (GPU JPEGs, a thread pool for the rest); a bad image fails its own item
+        if self._limits[0] is not self.settings:  # settings may be swapped on a live engine
+            self._limits = (self.settings, ImageLimits.from_settings(self.settings))
+        images = [items[i].image for i, _, _ in valid]  # type: ignore[union-attr]
+        decoded = self.images.decode(images, self._limits[1])
+        ready: list[BatchItem] = []  # decoded uint8 pixels
+        for (i, task_id, k), img in zip(valid, decoded, strict=True):
+            if isinstance(img, E2VPTError):
+                out[i] = img
+            else:
+                ready.append(BatchItem(i, task_id, img, k))
+        resolved = self.cache.get_many(
+            item.task_id for item in ready
+        )  # holds each task's rows until returned
+        pending: list[BatchItem] = []
+        for item in ready:
+            res = resolved[item.task_id]
             if isinstance(res, E2VPTError):
-                out[i] = res
-            else:  # each task's own preprocessing recipe: the pixels it was trained on
-                good.append(BatchItem(i, task_id, self.transform(res.recipe)(img), k))
+                out[item.index] = res
+            else:
+                pending.append(item)
+        # each task's own preprocessing recipe: the pixels it was trained on
+        recipes = [resolved[item.task_id].recipe for item in pending]  # type: ignore[union-attr]
+        inputs = self.images.transform([item.pixels for item in pending], recipes)
+        good: list[BatchItem] = []  # normalised model inputs
+        for item, x in zip(pending, inputs, strict=True):
+            if isinstance(x, E2VPTError):
+                out[item.index] = x
+            else:
+                good.append(replace(item, pixels=x))
         tasks: list[str] = list(dict.fromkeys(item.task_id for item in good))
         if good:
             try:
@@ -195,12 +220,6 @@ class MultiTaskEngine:
             self.metrics.observe_item(task_id, 200 if isinstance(res, Result) else http_status(res), elapsed)
             final.append(res)
         return final
-
-    def transform(self, recipe: str) -> Callable[[Image.Image], torch.Tensor]:
-        """The eval transform of a preprocessing recipe (built once per recipe)."""
-        if recipe not in self._transforms:
-            self._transforms[recipe] = eval_transform(self.info, recipe)
-        return self._transforms[recipe]
 
     @torch.inference_mode()
     def _forward(self, good: list[BatchItem], entries: list[CachedPrompts]) -> list[Result]:

@@ -1,0 +1,118 @@
+"""Image pipeline benchmark: 640x480 JPEG bytes -> normalised [B, 3, 224, 224] input, images/s.
+
+    .venv/bin/python benchmarks/bench_images.py [--device cpu|cuda] [--threads 8] [--batches 1 8 64 256]
+        [--seconds 2] [--out benchmarks/results/images_cpu.json]
+
+Rows (the vtab recipe at 224 px, the transform's output on the engine's device):
+- pil-serial: the old path, Pillow decode + the PIL transform, one image at a time in one thread;
+- pil-threads: the same in a pool of --threads threads;
+- pipeline: `ImagePipeline` as the engine runs it: on a CPU, torchvision's JPEG decoder and the tensor
+  transform per image in the pool; on CUDA, nvjpeg on the whole batch and the batched GPU resize.
+Each cell is the median images/s over repeated calls for about --seconds (at least 2 calls). Prints a
+table, writes JSON. Numbers are for this machine only (and its load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from e2vpt.core.backbone import load_backbone  # noqa: E402
+from e2vpt.core.images import ImageLimits, decode_image  # noqa: E402
+from e2vpt.dev.images import photo_jpeg, pil_reference_transform  # noqa: E402
+from e2vpt.serving.pipeline import ImagePipeline  # noqa: E402
+
+
+def timed(fn: Callable[[], Any], seconds: float, device: torch.device) -> float:
+    """Median seconds per call."""
+    fn()  # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 2 or (time.perf_counter() - start < seconds and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    info = load_backbone("vit_tiny_patch16_224").info  # 224 px, bicubic: the transform only needs its info
+    files = [photo_jpeg(seed) for seed in range(max(args.batches))]
+    limits = ImageLimits()
+    legacy = pil_reference_transform(info, "vtab")
+    pool = ThreadPoolExecutor(args.threads)
+    pipe = ImagePipeline(info, limits, device, threads=args.threads)
+
+    def pil_one(data: bytes) -> torch.Tensor:
+        return legacy(decode_image(data, limits=limits))
+
+    def pil_serial(batch: list[bytes]) -> torch.Tensor:
+        return torch.stack([pil_one(d) for d in batch]).to(device)
+
+    def pil_threads(batch: list[bytes]) -> torch.Tensor:
+        return torch.stack(list(pool.map(pil_one, batch))).to(device)
+
+    def pipeline(batch: list[bytes]) -> torch.Tensor:
+        decoded = pipe.decode(batch)
+        return torch.stack(pipe.transform(decoded, ["vtab"] * len(batch)))  # type: ignore[arg-type]
+
+    methods = {"pil-serial": pil_serial, "pil-threads": pil_threads, "pipeline": pipeline}
+    rows: list[dict[str, Any]] = []
+    for b in args.batches:
+        batch = files[:b]
+        for name, fn in methods.items():
+            sec = timed(lambda fn=fn, batch=batch: fn(batch), args.seconds, device)
+            rows.append({"method": name, "batch": b, "ms_per_batch": sec * 1e3, "images_per_s": b / sec})
+    pipe.close()
+    pool.shutdown()
+
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
+    print(
+        f"640x480 JPEGs ({statistics.mean(map(len, files)) / 1024:.0f} KB avg) -> [B, 3, 224, 224] on {device}"
+        f" ({gpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads)"
+    )
+    print(f"{'method':<12} " + " ".join(f"{'B=' + str(b):>10}" for b in args.batches) + "   (images/s)")
+    for name in methods:
+        cells = [r["images_per_s"] for r in rows if r["method"] == name]
+        print(f"{name:<12} " + " ".join(f"{c:>10.0f}" for c in cells))
+    result = {
+        "device": str(device),
+        "gpu": gpu,
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "image": "640x480 photo-like JPEG, quality 90",
+        "avg_bytes": statistics.mean(map(len, files)),
+        "rows": rows,
+    }
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"images_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""`ImagePipeline`: a batch of encoded images -> one normalised input tensor per item, in batches.
+
+decode(): every header is read and checked first (format allowed, bytes, pixels, bombs). On a CUDA
+engine, baseline JPEGs are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
+EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
+every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
+decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
+one corrupt file fails its own item only (typed, `InvalidImage` / `ImageTooLarge`).
+
+transform(): each item's recipe (`Preprocess`, the transform training used) as tensor ops where the
+pixels are: batched per recipe and input size on the GPU; per image in the thread pool on the CPU.
+Same tensor code on any device; only the nvjpeg call needs CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torchvision.io as tvio
+
+from e2vpt.core.backbone import BackboneInfo
+from e2vpt.core.images import (
+    ImageLimits,
+    Preprocess,
+    apply_orientation,
+    as_uint8_tensor,
+    decode_tensor,
+    exif_orientation,
+    is_fast_jpeg,
+    open_image,
+)
+from e2vpt.errors import E2VPTError, InvalidImage
+
+log = logging.getLogger(__name__)
+
+Decoded = torch.Tensor | E2VPTError
+
+
+def _typed(exc: Exception) -> E2VPTError:
+    if isinstance(exc, E2VPTError):
+        return exc
+    log.warning("image decoding raised %s", type(exc).__name__, exc_info=exc)
+    return InvalidImage(f"unreadable image: {type(exc).__name__}")
+
+
+class ImagePipeline:
+    def __init__(
+        self,
+        info: BackboneInfo,
+        limits: ImageLimits | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        threads: int = 0,
+        gpu_decode: bool = True,
+    ) -> None:
+        self.info = info
+        self.limits = limits or ImageLimits()
+        self.device = torch.device(device)
+        self.gpu_decode = gpu_decode and self.device.type == "cuda"
+        self.threads = threads if threads > 0 else min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="e2vpt-images")
+        self._recipes: dict[str, Preprocess] = {}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def preprocess(self, recipe: str) -> Preprocess:
+        """The eval transform of a recipe (built once)."""
+        if recipe not in self._recipes:
+            self._recipes[recipe] = Preprocess(self.info, recipe, train=False)
+        return self._recipes[recipe]
+
+    def _map(
+        self, fn: Callable[..., Decoded], args: list[tuple[Any, ...]]
+    ) -> list[Decoded | Future[Decoded]]:
+        """Submitted to the pool (results later), or run here when a pool would only add overhead."""
+        if len(args) <= 1 or self.threads == 1:
+            return [fn(*a) for a in args]
+        return [self._pool.submit(fn, *a) for a in args]
+
+    # ------------------------------------------------------------------ decode
+    def _decode_one(self, data: bytes, limits: ImageLimits) -> Decoded:
+        try:
+            return decode_tensor(data, limits)
+        except Exception as exc:  # any failure is this item's own
+            return _typed(exc)
+
+    def decode(self, images: Sequence[bytes], limits: ImageLimits | None = None) -> list[Decoded]:
+        """uint8 [3, H, W] per image (on the engine's device for GPU-decoded ones), or its typed error.
+        `limits`: this call's (default: the pipeline's)."""
+        limits = limits or self.limits
+        out: list[Decoded | None] = [None] * len(images)
+        gpu: list[int] = []
+        orientation: list[int] = []
+        cpu: list[int] = []
+        for i, data in enumerate(images):
+            if not self.gpu_decode:
+                cpu.append(i)
+                continue
+            try:
+                img = open_image(data, limits)
+                if is_fast_jpeg(img):
+                    gpu.append(i)
+                    orientation.append(exif_orientation(img))
+                else:
+                    cpu.append(i)
+            except Exception as exc:
+                out[i] = _typed(exc)
+        futures = self._map(self._decode_one, [(images[i], limits) for i in cpu])
+        if gpu:
+            decoded = self._decode_gpu([images[i] for i in gpu])
+            for i, x, o in zip(gpu, decoded, orientation, strict=True):
+                # nvjpeg refused it: the CPU decoders (and Pillow's verdict) decide
+                out[i] = apply_orientation(x, o) if x is not None else self._decode_one(images[i], limits)
+        for i, x in zip(cpu, futures, strict=True):
+            out[i] = x.result() if isinstance(x, Future) else x
+        return self._fill(out)
+
+    @staticmethod
+    def _fill(out: list[Decoded | None]) -> list[Decoded]:
+        return [x if x is not None else InvalidImage("image not decoded") for x in out]
+
+    def _decode_gpu(self, images: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """nvjpeg on a list; if the batch call fails, image by image (None: this image failed)."""
+        tensors = [as_uint8_tensor(d) for d in images]
+        kw = {"mode": tvio.ImageReadMode.RGB, "device": self.device}  # EXIF: applied by the caller
+        try:
+            return list(tvio.decode_jpeg(tensors, **kw))
+        except Exception:
+            pass
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(tvio.decode_jpeg(t, **kw))
+            except Exception:
+                out.append(None)
+        return out
+
+    # ------------------------------------------------------------------ transform
+    def transform(self, images: Sequence[torch.Tensor], recipes: Sequence[str]) -> list[Decoded]:
+        """float32 [3, h, w] on the engine's device per image (its recipe's eval transform), or an error."""
+        out: list[Decoded | None] = [None] * len(images)
+        by_recipe: dict[str, list[int]] = {}
+        for i, r in enumerate(recipes):
+            by_recipe.setdefault(r, []).append(i)
+        for recipe, idx in by_recipe.items():
+            try:
+                prep = self.preprocess(recipe)
+            except E2VPTError as exc:  # an unknown recipe (validation refuses them at registration)
+                for i in idx:
+                    out[i] = exc
+                continue
+            if self.device.type == "cuda":
+                xs = [images[i].to(self.device, non_blocking=True) for i in idx]
+                try:
+                    batch = prep.batch(xs)
+                    for j, i in enumerate(idx):
+                        out[i] = batch[j]
+                    continue
+                except Exception:  # find the item that fails, alone
+                    pass
+                for i, x in zip(idx, xs, strict=True):
+                    out[i] = self._transform_one(prep, x)
+            else:
+                results = self._map(self._transform_one, [(prep, images[i]) for i in idx])
+                for i, x in zip(idx, results, strict=True):
+                    out[i] = x.result() if isinstance(x, Future) else x
+        return self._fill(out)
+
+    def _transform_one(self, prep: Preprocess, x: torch.Tensor) -> Decoded:
+        try:
+            return prep.batch([x.to(self.device)])[0]
+        except Exception as exc:  # unexpected: a 500 for this item alone
+            log.exception("transforming an image failed")
+            return E2VPTError(f"image transform failed: {type(exc).__name__}")

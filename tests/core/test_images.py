@@ -1,0 +1,164 @@
+"""Decoding paths and the tensor transform: torchvision and Pillow give the same pixels, batched equals one
+at a time, formats are allowed by the limits given, JPEG 2000 is decoded at reduced size."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.io as tvio
+from PIL import Image
+
+from e2vpt.core.backbone import Backbone
+from e2vpt.core.images import (
+    ImageLimits,
+    Preprocess,
+    apply_orientation,
+    build_transform,
+    decode_image,
+    decode_tensor,
+    eval_transform,
+    exif_orientation,
+    pil_to_tensor,
+)
+from e2vpt.dev.images import image_bytes, photo_jpeg, pil_reference_transform
+from e2vpt.errors import ImageTooLarge, InvalidImage
+
+
+def smooth_jpeg(seed: int, size: tuple[int, int] = (64, 48), **save: object) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(h, w), mode="bilinear")
+    img = Image.fromarray((x[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def exif_jpeg(orientation: int) -> bytes:
+    img = Image.open(io.BytesIO(smooth_jpeg(1, (40, 24))))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+CASES = {
+    "jpeg": smooth_jpeg(0),
+    "jpeg-progressive": smooth_jpeg(0, progressive=True),
+    "jpeg-gray": image_bytes(1, (30, 20), "JPEG", "L"),
+    "jpeg-cmyk": image_bytes(1, (30, 20), "JPEG", "CMYK"),
+    **{f"jpeg-exif{o}": exif_jpeg(o) for o in range(1, 9)},
+    "png-rgba": image_bytes(2, (30, 20), "PNG", "RGBA"),
+    "png-palette": image_bytes(2, (30, 20), "PNG", "P"),
+    "png-16bit": image_bytes(2, (30, 20), "PNG", "I;16"),
+    "gif": image_bytes(3, (30, 20), "GIF", "P"),
+    "webp": image_bytes(4, (30, 20), "WEBP", "RGB"),
+    "bmp": image_bytes(5, (30, 20), "BMP", "RGB"),
+    "tiff": image_bytes(6, (30, 20), "TIFF", "RGB"),
+    "avif": image_bytes(7, (30, 20), "AVIF", "RGB"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_decode_tensor_equals_pillow(name: str) -> None:
+    """The fast path (torchvision for JPEGs) gives exactly Pillow's pixels, EXIF orientation included."""
+    data = CASES[name]
+    x = decode_tensor(data, ImageLimits())
+    assert x.dtype == torch.uint8 and x.shape[0] == 3
+    assert torch.equal(x, pil_to_tensor(decode_image(data)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_matches_pillow(orientation: int) -> None:
+    """The tensor EXIF rotation (used after nvjpeg, which ignores EXIF) equals Pillow's exif_transpose."""
+    data = exif_jpeg(orientation)
+    img = Image.open(io.BytesIO(data))
+    assert exif_orientation(img) == orientation
+    stored = tvio.decode_jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB
+    )
+    assert torch.equal(apply_orientation(stored, orientation), pil_to_tensor(decode_image(data)))
+
+
+def test_formats_follow_the_limits() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG2000")
+    j2k = buf.getvalue()
+    with pytest.raises(InvalidImage, match="not a readable image"):  # off by default
+        decode_image(j2k)
+    assert decode_image(j2k, limits=ImageLimits(formats=frozenset({"JPEG2000"}))).size == (32, 32)
+    only_png = ImageLimits(formats=frozenset({"PNG"}))
+    with pytest.raises(InvalidImage):
+        decode_tensor(CASES["jpeg"], only_png)
+    assert decode_tensor(CASES["png-rgba"], only_png).shape == (3, 20, 30)
+    assert decode_image(CASES["bmp"], limits=ImageLimits(formats=None)).size == (30, 20)  # any format
+
+
+def test_jpeg2000_is_decoded_at_reduced_size() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 384), (9, 99, 199)).save(buf, "JPEG2000")
+    limits = ImageLimits(formats=frozenset({"JPEG2000"}), reduce_pixels=20_000)
+    img = decode_image(buf.getvalue(), limits=limits)
+    assert img.size == (128, 96)  # reduce 2: 4x smaller per side, 12,288 <= 20,000 pixels
+    assert img.getpixel((5, 5)) == (9, 99, 199)
+    with pytest.raises(ImageTooLarge):  # the pixel limit still reads the full header size
+        decode_image(buf.getvalue(), limits=ImageLimits(formats=frozenset({"JPEG2000"}), max_pixels=100_000))
+
+
+def test_decoder_exceptions_are_typed() -> None:
+    for data in (CASES["avif"][:40], CASES["tiff"][:60], CASES["jpeg"][: len(CASES["jpeg"]) // 2]):
+        with pytest.raises(InvalidImage):
+            decode_tensor(data, ImageLimits())
+
+
+def test_env_settings_do_not_change_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Limits come from the caller: the process's settings are not read here."""
+    monkeypatch.setenv("E2VPT_MAX_IMAGE_PIXELS", "10")
+    assert decode_image(CASES["jpeg"]).size == (64, 48)
+
+
+def test_batch_equals_one_at_a_time_and_pil_input(backbone: Backbone) -> None:
+    prep = eval_transform(backbone.info, "fgvc")
+    imgs = [decode_tensor(CASES[n], ImageLimits()) for n in ("jpeg", "png-rgba", "jpeg-progressive", "gif")]
+    batch = prep.batch(imgs)
+    assert batch.shape == (4, 3, *backbone.info.img_size) and batch.dtype == torch.float32
+    for x, b in zip(imgs, batch, strict=True):
+        assert torch.equal(prep(x), b)
+    assert torch.equal(prep(decode_image(CASES["jpeg"])), batch[0])
+
+
+def test_tensor_transform_is_close_to_the_pillow_transform(backbone: Backbone) -> None:
+    """The old PIL recipe (torchvision transforms on PIL images) and the tensor one differ by at most one
+    grey level per pixel after resizing (rounding), measured here on a photo-like image."""
+    info = backbone.info
+    img = decode_image(photo_jpeg(3))
+    step = 1 / 255 / min(info.std)
+    for recipe in ("vtab", "fgvc"):
+        old = pil_reference_transform(info, recipe)(img)
+        new = eval_transform(info, recipe)(img)
+        assert (old - new).abs().max() <= step + 1e-5
+
+
+def test_train_recipes(backbone: Backbone) -> None:
+    info = backbone.info
+    x = decode_tensor(smooth_jpeg(4, (100, 70)), ImageLimits())
+    assert torch.equal(build_transform(info, "vtab", train=True)(x), build_transform(info, "vtab")(x))
+    torch.manual_seed(0)
+    train = Preprocess(info, "fgvc", train=True)
+    outs = [train(x) for _ in range(8)]
+    assert all(o.shape == (3, *info.img_size) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # random crops / flips
+
+
+def test_flat_image_normalises_to_mean(backbone: Backbone) -> None:
+    info = backbone.info
+    x = torch.full((3, 9, 7), 255, dtype=torch.uint8)
+    out = Preprocess(info).batch([x])
+    expected = (1.0 - torch.tensor(info.mean)) / torch.tensor(info.std)
+    assert torch.allclose(out[0, :, 0, 0], expected, atol=1e-6)
+    arr = np.full((9, 7, 3), 255, np.uint8)
+    assert torch.equal(Preprocess(info)(Image.fromarray(arr)), out[0])

@@ -1,0 +1,196 @@
+"""The batched image pipeline: per-item isolation of poison images (through the pipeline and the engine,
+real Redis), CPU pipeline = the reference decode + transform, and the GPU decode path on CUDA."""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+
+import pytest
+import torch
+from PIL import Image
+
+from e2vpt.config import Settings
+from e2vpt.core.backbone import Backbone
+from e2vpt.core.images import ImageLimits, decode_image, decode_tensor, eval_transform, pil_to_tensor
+from e2vpt.core.promptset import PromptSet
+from e2vpt.dev.images import image_bytes, png_header_bomb
+from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
+from e2vpt.registry.store import PromptStore
+from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
+from e2vpt.serving.pipeline import ImagePipeline
+from tests.serving_helpers import offline_predict
+
+
+def j2k_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG2000")
+    return buf.getvalue()
+
+
+def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
+    """Broken inputs of many kinds, each with the typed error it must get."""
+    jpeg = image_bytes(1, (50, 40), "JPEG")
+    tiff = image_bytes(2, (50, 40), "TIFF")
+    bad_tiff = bytearray(tiff)
+    bad_tiff[4:8] = struct.pack("<I", len(tiff) - 2)  # first IFD offset past the end
+    avif = image_bytes(3, (50, 40), "AVIF")
+    assert b"pitm" in avif
+    dds = bytearray(image_bytes(4, (32, 32), "DDS"))
+    dds[80:84] = struct.pack("<I", 0xB90000)  # pixel format flags
+    return {
+        "truncated-jpeg": (jpeg[: len(jpeg) // 2], InvalidImage),
+        "jpeg-header-only": (jpeg[:200], InvalidImage),
+        # these two raised RuntimeError / NotImplementedError from Pillow, untyped, before (issue 13)
+        "avif-no-primary-item": (avif.replace(b"pitm", b"\0\0\0\0", 1), InvalidImage),
+        "dds-unknown-pixel-format": (bytes(dds), InvalidImage),
+        "truncated-avif": (avif[:80], InvalidImage),
+        "corrupt-tiff": (bytes(bad_tiff), InvalidImage),
+        "garbage": (b"\xff\xd8\xff\xe0garbage", InvalidImage),
+        "empty": (b"", InvalidImage),
+        "png-bomb": (png_header_bomb(), ImageTooLarge),
+        "jpeg2000-off-by-default": (j2k_bytes(), InvalidImage),
+        "ico-not-allowed": (image_bytes(5, (32, 32), "ICO"), InvalidImage),
+    }
+
+
+def rotated_jpeg() -> bytes:
+    """A JPEG stored 40x24 with EXIF orientation 6: displayed (and served) 24x40."""
+    img = Image.open(io.BytesIO(image_bytes(17, (40, 24), "JPEG")))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def good_images() -> list[bytes]:
+    return [
+        image_bytes(10, (64, 48), "JPEG"),
+        image_bytes(11, (64, 48), "JPEG"),  # same size: one resize group
+        image_bytes(12, (41, 33), "PNG", "RGBA"),
+        image_bytes(13, (30, 20), "JPEG", "L"),
+        image_bytes(14, (35, 25), "WEBP"),
+        image_bytes(15, (35, 25), "GIF", "P"),
+        image_bytes(16, (35, 25), "JPEG", "CMYK"),
+        rotated_jpeg(),  # nvjpeg ignores EXIF: the pipeline rotates
+    ]
+
+
+@pytest.fixture
+def pipeline(backbone: Backbone) -> Iterator[ImagePipeline]:
+    p = ImagePipeline(backbone.info, ImageLimits(), "cpu", threads=3)
+    yield p
+    p.close()
+
+
+def test_poison_images_fail_alone(pipeline: ImagePipeline) -> None:
+    poison = poison_images()
+    good = good_images()
+    batch = [*good[:3], *(d for d, _ in poison.values()), *good[3:]]
+    out = pipeline.decode(batch)
+    expected_good = good[:3] + good[3:]
+    got_good = out[:3] + out[3 + len(poison) :]
+    for data, x in zip(expected_good, got_good, strict=True):
+        assert isinstance(x, torch.Tensor)
+        assert torch.equal(x, pil_to_tensor(decode_image(data)))
+    for (name, (_, kind)), x in zip(poison.items(), out[3 : 3 + len(poison)], strict=True):
+        assert type(x) is kind, name
+
+
+def test_transform_equals_the_reference(pipeline: ImagePipeline, backbone: Backbone) -> None:
+    data = good_images()
+    decoded = pipeline.decode(data)
+    recipes = ["vtab", "fgvc", "vtab", "fgvc", "vtab", "vtab", "fgvc", "fgvc"]
+    out = pipeline.transform(decoded, recipes)  # type: ignore[arg-type]
+    for d, r, x in zip(data, recipes, out, strict=True):
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+        assert torch.equal(x, eval_transform(backbone.info, r)(decode_image(d)))
+    mixed = pipeline.transform(decoded[:2], ["vtab", "no-such-recipe"])  # type: ignore[arg-type]
+    assert isinstance(mixed[0], torch.Tensor) and isinstance(mixed[1], InvalidPromptSet)
+
+
+def test_limits_per_call(pipeline: ImagePipeline) -> None:
+    big = image_bytes(20, (600, 500), "JPEG")
+    j2k = j2k_bytes()
+    assert isinstance(pipeline.decode([big])[0], torch.Tensor)
+    small = ImageLimits(max_pixels=250_000, formats=frozenset({"JPEG", "JPEG2000"}))
+    out = pipeline.decode([big, j2k], small)
+    assert isinstance(out[0], ImageTooLarge) and isinstance(out[1], torch.Tensor)
+
+
+@pytest.fixture
+def store(backbone: Backbone, redis_url: str, namespace: str) -> Iterator[PromptStore]:
+    st = PromptStore(redis_url, backbone.info, namespace=namespace)
+    yield st
+    st.drop_all()
+    st.close()
+
+
+def make_set(task_id: str, bb: Backbone, classes: int, seed: int, **kw: object) -> PromptSet:
+    g = torch.Generator().manual_seed(seed)
+    return PromptSet.create(task_id, bb.info, [f"{task_id}-c{i}" for i in range(classes)], generator=g, **kw)
+
+
+@pytest.mark.integration
+def test_engine_poison_batch_good_items_all_succeed(backbone: Backbone, store: PromptStore) -> None:
+    """One batch: good items for four tasks (two recipes) interleaved with every poison image; every good
+    item gets the offline model's answer, every poison item its own typed error."""
+    sets = [
+        make_set("a", backbone, 3, 1),
+        make_set("b", backbone, 5, 2, config={"recipe": "fgvc"}),
+        make_set("c", backbone, 4, 3),
+        make_set("d", backbone, 6, 4, config={"recipe": "fgvc"}),
+    ]
+    for ps in sets:
+        store.register(ps)
+    by_id = {ps.task_id: ps for ps in sets}
+    engine = MultiTaskEngine(backbone, store, Settings(cache_version_check_ms=0, image_decode_threads=2))
+    try:
+        items: list[RequestItem] = []
+        expect: list[type[E2VPTError] | None] = []
+        poison = list(poison_images().values())
+        for n, data in enumerate(good_images() * 2):
+            items.append(RequestItem("abcd"[n % 4], data))
+            expect.append(None)
+            if n < len(poison):
+                items.append(RequestItem("abcd"[(n + 1) % 4], poison[n][0]))
+                expect.append(poison[n][1])
+        out = engine.predict(items, top_k=3)
+        for item, kind, res in zip(items, expect, out, strict=True):
+            if kind is not None:
+                assert type(res) is kind
+                continue
+            assert isinstance(res, Result)
+            ref = offline_predict(backbone, by_id[item.task_id], item.image, 3)
+            assert [p.label for p in res.predictions] == [label for label, _ in ref]
+            assert [p.score for p in res.predictions] == pytest.approx([s for _, s in ref], abs=1e-5)
+    finally:
+        engine.close()
+
+
+@pytest.mark.cuda
+def test_gpu_decode_path() -> None:
+    """nvjpeg decodes the batch's JPEGs on the device; the rest come from the thread pool; poison items
+    fail alone; pixels match the CPU decoders within nvjpeg's IDCT differences."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.conftest import tiny_backbone
+
+    info = tiny_backbone().info
+    pipe = ImagePipeline(info, ImageLimits(), "cuda", threads=2)
+    try:
+        good = good_images()
+        poison = [d for d, _ in poison_images().values()]
+        out = pipe.decode([*good, *poison])
+        for data, x in zip(good, out, strict=True):
+            assert isinstance(x, torch.Tensor) and x.device.type == "cuda"
+            ref = decode_tensor(data, ImageLimits())
+            assert x.shape == ref.shape  # EXIF orientation applied on the GPU path too
+            assert (x.cpu().int() - ref.int()).abs().float().mean() < 2.0
+        assert all(isinstance(x, E2VPTError) for x in out[len(good) :])
+        xs = pipe.transform(out[: len(good)], ["vtab"] * len(good))  # type: ignore[arg-type]
+        assert all(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in xs)
+    finally:
+        pipe.close()
