@@ -196,27 +196,32 @@ def _texture_photos() -> tuple[np.ndarray, ...]:
     return tuple(_grey(getattr(data, name)()) for name in TEXTURE_PHOTOS)
 
 
+def texture_crops(seed: int, split: int, n: int) -> list[tuple[int, int, int, int, int]]:
+    """(label, top, left, side, quarter turns) of each patch of a split (0 train, 1 val, 2 test): train and
+    val patches lie in the top `TRAIN_REGION` of their photo, test patches below it."""
+    shapes = [p.shape for p in _texture_photos()]
+    rng = np.random.default_rng([seed, 5, split])
+    out = []
+    for lab in rng.integers(len(shapes), size=n):
+        h, w = shapes[lab]
+        cut = int(h * TRAIN_REGION)
+        top, bottom = (0, cut) if split < 2 else (cut, h)
+        side = int(rng.integers(40, min(81, bottom - top + 1, w + 1)))
+        y0, x0 = int(rng.integers(top, bottom - side + 1)), int(rng.integers(0, w - side + 1))
+        out.append((int(lab), y0, x0, side, int(rng.integers(4))))
+    return out
+
+
 def _photo_textures(seed: int, sizes: Sizes) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     photos = _texture_photos()
-    xs, ys = [], []
-    for split, n in enumerate(sizes):
-        rng = np.random.default_rng([seed, 5, split])
-        labels = rng.integers(len(photos), size=n)
-        out = np.empty((n, PATCH, PATCH), np.uint8)
-        for i, lab in enumerate(labels):
-            photo = photos[lab]
-            h, w = photo.shape
-            cut = int(h * TRAIN_REGION)
-            top, bottom = (0, cut) if split < 2 else (cut, h)
-            s = int(rng.integers(40, min(81, bottom - top + 1, w + 1)))
-            y0, x0 = int(rng.integers(top, bottom - s + 1)), int(rng.integers(0, w - s + 1))
-            patch = Image.fromarray(photo[y0 : y0 + s, x0 : x0 + s]).resize((PATCH, PATCH), Image.BILINEAR)
-            out[i] = np.rot90(np.asarray(patch), int(rng.integers(4)))
-        xs.append(out)
-        ys.append(labels.astype(np.int64))
-    return _rgb(np.concatenate(xs)), np.concatenate(ys)
+    crops = [c for split, n in enumerate(sizes) for c in texture_crops(seed, split, n)]
+    out = np.empty((len(crops), PATCH, PATCH), np.uint8)
+    for i, (lab, y0, x0, side, turns) in enumerate(crops):
+        patch = Image.fromarray(photos[lab][y0 : y0 + side, x0 : x0 + side])
+        out[i] = np.rot90(np.asarray(patch.resize((PATCH, PATCH), Image.BILINEAR)), turns)
+    return _rgb(out), np.array([c[0] for c in crops], np.int64)
 
 
 GENERATORS: dict[str, Callable[[int, Sizes], tuple[np.ndarray, np.ndarray]]] = {

@@ -118,7 +118,10 @@ def _position_parts(inits: dict[str, np.ndarray], dim: int) -> tuple[np.ndarray,
     patches = [
         v
         for v in unnamed.values()
-        if v.ndim == 3 and v.shape[0] == 1 and v.shape[1] > 1 and v.shape[2] == dim
+        if v.ndim == 3
+        and v.shape[0] == 1
+        and v.shape[1] > 1
+        and v.shape[2] == dim
         and math.isqrt(v.shape[1]) ** 2 == v.shape[1]
     ]
     if len(cls) != 1 or len(patches) != 1:
@@ -154,7 +157,9 @@ def convert_state_dict(
 
     cls_token = t("embeddings.cls_token")
     dim = cls_token.shape[-1]
-    cls_pos, patch_pos = (torch.from_numpy(np.array(a, dtype=np.float32)) for a in _position_parts(inits, dim))
+    cls_pos, patch_pos = (
+        torch.from_numpy(np.array(a, dtype=np.float32)) for a in _position_parts(inits, dim)
+    )
     sd: dict[str, torch.Tensor] = {
         "cls_token": cls_token,
         "pos_embed": torch.cat([cls_pos, resample_patch_pos(patch_pos, grid)], dim=1),
@@ -187,7 +192,9 @@ def convert_state_dict(
 
 def model_kwargs(img_size: int) -> dict[str, Any]:
     if img_size <= 0 or img_size % 14:
-        raise UnsupportedBackbone(f"img_size must be a positive multiple of 14 (the patch size), got {img_size}")
+        raise UnsupportedBackbone(
+            f"img_size must be a positive multiple of 14 (the patch size), got {img_size}"
+        )
     return {"img_size": img_size}
 
 
@@ -233,7 +240,9 @@ def pretrained_available() -> bool:
     return find_onnx() is not None
 
 
-def pretrained_or_fallback(img_size: int = DEFAULT_IMG_SIZE, cache_dir: str | Path | None = None) -> Path | None:
+def pretrained_or_fallback(
+    img_size: int = DEFAULT_IMG_SIZE, cache_dir: str | Path | None = None
+) -> Path | None:
     """The converted checkpoint, or None with a warning that says why (callers then use the upstream ViT)."""
     if not pretrained_available():
         log.warning(
