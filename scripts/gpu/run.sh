@@ -128,14 +128,24 @@ step pytest_cuda 150 "${PYTEST[@]}" -m cuda --junitxml="$WORK/results/junit_cuda
 step bench_gpu 240 "$PY" benchmarks/bench_gpu.py --device "$DEV" $QUICK --budget-s 180 \
     --out "$WORK/results/gpu_$DEV.json" ${BENCH_GPU_ARGS:-$([ "$HAS_CUDA" = 1 ] || echo "--http-seconds 3 --budget-s 120")}
 
-# ---- the other benchmarks that take --device (those present)
-for b in bench_attention bench_assembly bench_images bench_model; do
-    if [ -f "benchmarks/$b.py" ]; then
-        step "$b" 60 "$PY" "benchmarks/$b.py" --device "$DEV" --quick
+# ---- the other benchmarks on the device (those present), each with the arguments it takes
+bench() {  # bench NAME LIMIT_S ARGS...
+    local name=$1 limit=$2
+    shift 2
+    if [ -f "benchmarks/$name.py" ]; then
+        step "$name" "$limit" "$PY" "benchmarks/$name.py" --device "$DEV" "$@"
     else
-        echo "| $b | - | 0 | not present |" >> "$SUMMARY"
+        echo "| $name | - | 0 | not present |" >> "$SUMMARY"
     fi
-done
+}
+if [ "$HAS_CUDA" = 1 ]; then
+    bench bench_attention 90 --batch 64 256
+    bench bench_images 60
+    bench bench_assembly 60 --dtype float16
+else
+    bench bench_attention 60 --batch 2 --repeats 3
+    bench bench_assembly 60 --quick
+fi
 cp benchmarks/results/*_cuda*.json "$WORK/results/" 2>/dev/null || true
 
 # ---- core and serving tests on the device's torch (E2VPT_DEVICE=cuda when the tests read it)
