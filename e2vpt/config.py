@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = 256
     max_kv_tokens: int = 256
     max_classes: int = 100_000
+    # Metadata other than labels (config, metrics, ...): JSON bytes. Listings copy it, so it stays small.
+    max_metadata_bytes: int = 8 * 1024
+    max_label_chars: int = 256
 
     # --- Redis prompt store ---------------------------------------------------------------------
     redis_url: str = Field(
