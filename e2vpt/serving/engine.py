@@ -5,6 +5,10 @@ predict(items) decodes every image, resolves every item's task through the `Prom
 `FeatureBackend`), applies each image's own head and returns top-k labels and scores. Items that fail
 (bad image, unknown task, store down, ...) get their typed error in their slot; the rest succeed.
 
+Isolation: an unexpected exception while reading one item is that item's 500. When the mixed forward
+fails, every task is retried alone, so a task whose prompts break the forward fails only its own items
+(500, counted per task in `e2vpt_item_failures`). 503 means only "prompt store unavailable".
+
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """
 
@@ -149,25 +153,28 @@ class MultiTaskEngine:
                 ready.append((i, task_id, img, k))
             except E2VPTError as exc:
                 out[i] = exc
+            except Exception as exc:  # a decoder bug fails its own item, never the batch
+                log.exception("item %d could not be read", i)
+                out[i] = E2VPTError(f"unreadable item: {type(exc).__name__}")
         resolved = self.cache.get_many(t for _, t, _, _ in ready)
         good: list[tuple[int, str, torch.Tensor, int]] = []
         for i, task_id, img, k in ready:
             res = resolved[task_id]
             if isinstance(res, E2VPTError):
                 out[i] = res
-            else:  # each task's own preprocessing recipe: the pixels it was trained on
+                continue
+            try:  # each task's own preprocessing recipe: the pixels it was trained on
                 good.append((i, task_id, self.transform(res.prompts.recipe)(img), k))
+            except Exception as exc:
+                log.exception("item %d could not be transformed", i)
+                out[i] = (
+                    exc
+                    if isinstance(exc, E2VPTError)
+                    else E2VPTError(f"unreadable item: {type(exc).__name__}")
+                )
         tasks: list[str] = list(dict.fromkeys(t for _, t, _, _ in good))
         if good:
-            entries = [resolved[t] for t in tasks]
-            try:
-                results = self._forward(good, tasks, entries)  # type: ignore[arg-type]
-                for (i, _, _, _), r in zip(good, results, strict=True):
-                    out[i] = r
-            except Exception as exc:  # a failing forward fails its items, typed, never the process
-                log.exception("forward of a batch of %d items failed", len(good))
-                for i, _, _, _ in good:
-                    out[i] = E2VPTError(f"inference failed: {type(exc).__name__}")
+            self._forward_isolated(good, tasks, resolved, out)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - t0
         self.metrics.observe_batch(len(items), len(tasks))
         final: list[Result | E2VPTError] = []
@@ -184,6 +191,48 @@ class MultiTaskEngine:
             self.metrics.observe_item(task_id, 200 if isinstance(res, Result) else http_status(res), elapsed)
             final.append(res)
         return final
+
+    def _forward_isolated(
+        self,
+        good: list[tuple[int, str, torch.Tensor, int]],
+        tasks: list[str],
+        resolved: dict[str, CachedPrompts],
+        out: list[Result | E2VPTError | None],
+    ) -> None:
+        """One forward of all `good` items; if it fails, one forward per task, so that a task whose
+        prompts break the forward fails only its own items (500, counted per task)."""
+        try:
+            results = self._forward(good, tasks, [resolved[t] for t in tasks])
+        except Exception:
+            if len(tasks) == 1:
+                self._fail_task(tasks[0], good, out)
+                return
+            log.exception(
+                "forward of %d items of %d tasks failed; retrying task by task", len(good), len(tasks)
+            )
+            for task_id in tasks:
+                own = [g for g in good if g[1] == task_id]
+                try:
+                    results = self._forward(own, [task_id], [resolved[task_id]])
+                except Exception:
+                    self._fail_task(task_id, own, out)
+                    continue
+                for (i, _, _, _), r in zip(own, results, strict=True):
+                    out[i] = r
+            return
+        for (i, _, _, _), r in zip(good, results, strict=True):
+            out[i] = r
+
+    def _fail_task(
+        self,
+        task_id: str,
+        items: list[tuple[int, str, torch.Tensor, int]],
+        out: list[Result | E2VPTError | None],
+    ) -> None:
+        log.exception("forward of task %r failed (%d items)", task_id, len(items))
+        self.metrics.observe_failure(task_id, "forward", len(items))
+        for i, _, _, _ in items:
+            out[i] = E2VPTError(f"inference failed for task {task_id!r}")
 
     def transform(self, recipe: str) -> Callable[[Image.Image], torch.Tensor]:
         """The eval transform of a preprocessing recipe (built once per recipe)."""
