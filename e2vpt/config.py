@@ -59,11 +59,15 @@ class Settings(BaseSettings):
     cache_max_bytes: int = 512 * 1024 * 1024
     cache_pinned_tasks: list[str] = []
     cache_preload_tasks: list[str] = []
-    # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
+    # Fallback for missed pub/sub messages: one version check of the cached tasks every this many ms, on a
+    # background thread (never in a request); negative: off.
     cache_version_check_ms: int = 500
-    # After a store error, fail cold loads at once (503) and skip version checks for this long: a Redis that
-    # times out (rather than refusing) must not stall every batch for store_socket_timeout.
+    # After a store error, cold loads fail at once (503) until a background probe (one every this many ms)
+    # gets an answer: a Redis that hangs (rather than refusing) must not stall batches.
     cache_store_backoff_ms: int = 1000
+    # Socket (and connect) timeout of the serving engine's Redis connection: a hung Redis costs a cold load
+    # at most this once; then cold loads fail at once (503) until the store answers a background probe.
+    cache_store_timeout_ms: int = 1000
     # Metrics: per-task labels for the N busiest tasks, the rest as "other".
     metrics_top_tasks: int = 50
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).

@@ -262,15 +262,20 @@ class PromptStore:
     """Versioned prompt sets of one backbone in Redis. Every method raises typed errors only."""
 
     @classmethod
-    def from_settings(cls, info: BackboneInfo, settings: Settings | None = None) -> PromptStore:
-        """The store the settings name (Redis URL, namespace, kept versions, timeouts) for `info`."""
+    def from_settings(
+        cls, info: BackboneInfo, settings: Settings | None = None, *, socket_timeout: float | None = None
+    ) -> PromptStore:
+        """The store the settings name (Redis URL, namespace, kept versions, timeouts) for `info`.
+
+        `socket_timeout` overrides `store_socket_timeout` (serving uses its shorter `cache_store_timeout_ms`).
+        """
         s = settings or get_settings()
         return cls(
             s.redis_url,
             info,
             namespace=s.store_namespace,
             keep_versions=s.keep_versions,
-            socket_timeout=s.store_socket_timeout,
+            socket_timeout=socket_timeout if socket_timeout is not None else s.store_socket_timeout,
         )
 
     def __init__(

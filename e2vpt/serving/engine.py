@@ -117,7 +117,9 @@ class MultiTaskEngine:
         """Backbone (name / checkpoint, device, dtype), store, backend and cache, all from Settings."""
         settings = settings or get_settings()
         backbone = backbone_from_settings(settings, dtype=serving_dtype(settings))
-        store = PromptStore.from_settings(backbone.info, settings)
+        store = PromptStore.from_settings(
+            backbone.info, settings, socket_timeout=settings.cache_store_timeout_ms / 1000
+        )
         return cls(backbone, store, settings, start=start)
 
     def close(self) -> None:
