@@ -327,13 +327,15 @@ class TorchServe:
             return 0
         return sum(1 for m in desc for w in m.get("workers", []) if w.get("status") == "READY")
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """End TorchServe's process group; returns as soon as every process of it has exited."""
+    def stop(self, timeout: float = 20.0) -> bool:
+        """End TorchServe's process group; returns as soon as every process of it has exited (True when
+        it had to be killed after `timeout`)."""
         if self.proc is None:
-            return
-        stop_group(self.proc.pid, timeout, leader=self.proc)
+            return False
+        killed = stop_group(self.proc.pid, timeout, leader=self.proc)
         self.proc.wait(timeout=5)
         self.proc = None
+        return killed
 
     def __enter__(self) -> TorchServe:
         return self.start() if self.proc is None else self
@@ -342,15 +344,16 @@ class TorchServe:
         self.stop()
 
 
-def stop_group(pid: int, timeout: float = 20.0, leader: subprocess.Popen[bytes] | None = None) -> None:
+def stop_group(pid: int, timeout: float = 20.0, leader: subprocess.Popen[bytes] | None = None) -> bool:
     """SIGTERM the process group led by `pid` (TorchServe, its JVM and workers), SIGKILL what remains.
 
-    Returns as soon as the group is empty. `leader`: the group leader when it is our child; it is reaped
-    while waiting (an exited but unreaped child still counts as a member of its group)."""
+    Returns as soon as the group is empty: False, or True when it had to SIGKILL after `timeout`.
+    `leader`: the group leader when it is our child; it is reaped while waiting (an exited but unreaped
+    child still counts as a member of its group, which made every stop wait the full timeout)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if leader is not None:
@@ -358,10 +361,11 @@ def stop_group(pid: int, timeout: float = 20.0, leader: subprocess.Popen[bytes] 
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            return
+            return False
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+    return True
 
 
 # ---------------------------------------------------------------------- CLI: e2vpt serve ...
