@@ -37,6 +37,7 @@ import redis
 import redis.exceptions as rexc
 
 from e2vpt.config import Settings, get_settings
+from e2vpt.core import safejson
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import (
@@ -128,8 +129,8 @@ class StoreEvent:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> StoreEvent:
+        obj = safejson.loads(data, max_depth=2, what="store event")  # anyone may PUBLISH: bounded
         try:
-            obj = json.loads(data)
             event = cls(task_id=str(obj["task_id"]), version=int(obj["version"]), action=str(obj["action"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise BadRequest(f"not a store event: {data!r}") from exc

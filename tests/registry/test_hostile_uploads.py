@@ -10,9 +10,10 @@ from fastapi.testclient import TestClient
 
 from e2vpt.config import get_settings
 from e2vpt.core.backbone import Backbone
-from e2vpt.errors import E2VPTError
+from e2vpt.errors import BadRequest, E2VPTError
 from e2vpt.registry.api import create_app
-from e2vpt.registry.store import PromptStore
+from e2vpt.registry.store import PromptStore, StoreEvent
+from tests.conftest import wait_for
 from tests.poison import broken_in_memory, deep_json, good_set, hostile_prompt_sets
 from tests.registry.test_store import snapshot
 
@@ -95,3 +96,22 @@ def test_options_and_405_list_every_method(store: PromptStore) -> None:
     assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "PUT", "DELETE", "OPTIONS"}
     r = client.options("/tasks")
     assert r.status_code == 204 and set(r.headers["allow"].split(", ")) == {"GET", "OPTIONS"}
+
+
+def test_hostile_store_events_are_dropped_and_the_subscription_lives(
+    store: PromptStore, backbone: Backbone
+) -> None:
+    """Anyone who can PUBLISH on the events channel: deep or non-finite JSON is refused, typed, and the
+    subscriber thread keeps delivering real events."""
+    for raw in (deep_json(), b'{"task_id": "a", "version": Infinity, "action": "register"}'):
+        with pytest.raises(BadRequest):
+            StoreEvent.from_json(raw)
+    events: list[StoreEvent] = []
+    sub = store.subscribe(events.append)
+    try:
+        store.client.publish(store.events_channel, deep_json())
+        version = store.register(good_set(backbone.info, "victim"))
+        assert wait_for(lambda: StoreEvent("victim", version, "register") in events)
+        assert sub.alive
+    finally:
+        sub.stop()
