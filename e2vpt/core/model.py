@@ -283,7 +283,8 @@ class PromptedViT(nn.Module):
                 x[:, npre : npre + P] = visual[:, i]
             elif P:  # graph capture (ONNX / torch.export / TorchScript): the same thing, out of place
                 x = torch.cat([x[:, :npre], visual[:, i].to(x.dtype), x[:, npre + P :]], dim=1)
-            x = prompted_block(blk, x, kv[:, i] if T else None, mask)
+            # KV prompts in the model's dtype, as the visual ones: a batch built in another dtype still runs
+            x = prompted_block(blk, x, kv[:, i].to(x.dtype) if T else None, mask)
         x = vit.norm(x)
         if P and vit.global_pool != "token":
             x = torch.cat([x[:, :npre], x[:, npre + P :]], dim=1)  # pooling never sees prompt positions

@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import RedisServer, wait_for
+from conftest import RedisServer, tiny_backbone, wait_for
 from prometheus_client import generate_latest
 from ts.context import Context, RequestProcessor
 
 from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone
+from e2vpt.core.model import PromptedViT, TaskBatch
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes
 from e2vpt.errors import E2VPTError, StoreUnavailable
@@ -212,3 +213,18 @@ def test_hung_redis_never_stalls_cached_tasks(backbone: Backbone, tmp_path: Path
         if stopped:
             os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+def test_prompts_follow_the_backbone_dtype(backbone: Backbone) -> None:
+    """A bfloat16 backbone fed a TaskBatch built without `dtype=` (float32 prompts): the KV prompts are
+    cast like the visual ones (was: "Expected query, key, and value to have the same dtype")."""
+    from e2vpt.core.model import PromptedViT, TaskBatch
+    from tests.conftest import tiny_backbone
+
+    half = tiny_backbone(dtype=torch.bfloat16)
+    sets = [make_set("a", half, 3, 1), make_set("b", half, 4, 2, num_kv=3, share_kv=False)]
+    batch = TaskBatch.from_prompt_sets(sets)  # float32: the first set's dtype
+    images = torch.rand(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        logits = PromptedViT(half).forward_multi(images, batch, torch.tensor([0, 1]))
+    assert logits.shape == (2, 4) and bool(torch.isfinite(logits.float()).all())
