@@ -218,9 +218,6 @@ def test_hung_redis_never_stalls_cached_tasks(backbone: Backbone, tmp_path: Path
 def test_prompts_follow_the_backbone_dtype(backbone: Backbone) -> None:
     """A bfloat16 backbone fed a TaskBatch built without `dtype=` (float32 prompts): the KV prompts are
     cast like the visual ones (was: "Expected query, key, and value to have the same dtype")."""
-    from e2vpt.core.model import PromptedViT, TaskBatch
-    from tests.conftest import tiny_backbone
-
     half = tiny_backbone(dtype=torch.bfloat16)
     sets = [make_set("a", half, 3, 1), make_set("b", half, 4, 2, num_kv=3, share_kv=False)]
     batch = TaskBatch.from_prompt_sets(sets)  # float32: the first set's dtype
