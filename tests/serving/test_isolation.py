@@ -215,13 +215,32 @@ def test_hung_redis_never_stalls_cached_tasks(backbone: Backbone, tmp_path: Path
         server.stop()
 
 
-def test_prompts_follow_the_backbone_dtype(backbone: Backbone) -> None:
-    """A bfloat16 backbone fed a TaskBatch built without `dtype=` (float32 prompts): the KV prompts are
-    cast like the visual ones (was: "Expected query, key, and value to have the same dtype")."""
-    half = tiny_backbone(dtype=torch.bfloat16)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prompts_follow_the_backbone_dtype(device: str, dtype: torch.dtype) -> None:
+    """A half-precision backbone fed a TaskBatch built without `dtype=` (float32 prompts, the first set's
+    dtype): the KV prompts are cast like the visual ones, so the logits are exactly those of a batch built
+    in the backbone's dtype (was, on CUDA: "Expected query, key, and value to have the same dtype")."""
+    half = tiny_backbone(dtype=dtype, device=device)
     sets = [make_set("a", half, 3, 1), make_set("b", half, 4, 2, num_kv=3, share_kv=False)]
-    batch = TaskBatch.from_prompt_sets(sets)  # float32: the first set's dtype
-    images = torch.rand(2, 3, 32, 32, dtype=torch.bfloat16)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    index = torch.tensor([0, 1], device=device)
+    model = PromptedViT(half)
     with torch.inference_mode():
-        logits = PromptedViT(half).forward_multi(images, batch, torch.tensor([0, 1]))
-    assert logits.shape == (2, 4) and bool(torch.isfinite(logits.float()).all())
+        loose = model.forward_multi(images, TaskBatch.from_prompt_sets(sets, device=device), index)
+        exact = model.forward_multi(
+            images, TaskBatch.from_prompt_sets(sets, device=device, dtype=dtype), index
+        )
+    assert loose.dtype == dtype and torch.equal(loose, exact)
