@@ -106,6 +106,7 @@ class PromptCache:
         # Set by a failed store call once the watcher runs; cleared only by the watcher's successful probe.
         self._store_down = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._wake_watcher = threading.Event()  # the store went down or the cache closes: new interval
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, preload: Iterable[str] = ()) -> dict[str, E2VPTError]:
@@ -122,7 +123,12 @@ class PromptCache:
     def _watch_store(self) -> None:
         """Off the request path: the rate-limited version check (missed events) while the store answers;
         while it is down, a probe every `store_backoff_s` until it answers again."""
-        while not self._closed.wait(self._watch_interval()):
+        while not self._closed.is_set():
+            if self._wake_watcher.wait(self._watch_interval()):
+                self._wake_watcher.clear()
+                continue  # the state changed: wait again, for the interval of the new state
+            if self._closed.is_set():
+                return
             try:
                 if self._store_down.is_set():
                     self.store.ping()
@@ -158,6 +164,7 @@ class PromptCache:
 
     def close(self) -> None:
         self._closed.set()
+        self._wake_watcher.set()
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
@@ -329,6 +336,7 @@ class PromptCache:
             return  # known to be down: the watcher probes; not counted again
         if self._watcher is not None:
             self._store_down.set()
+            self._wake_watcher.set()  # probe every store_backoff_s from now on, not at the next version check
         self._store_down_until = time.monotonic() + self.store_backoff_s
         self.stats.store_errors += 1
         if self.metrics:
