@@ -23,6 +23,7 @@ RESULT_PREFIX = {
     "bench_registry": "registry",
     "bench_serving": "serving",
     "bench_onnx": "onnx_",
+    "bench_redis_hang": "redis_hang",
 }
 KNOWN = tuple(RESULT_PREFIX)
 RUN_LOG = "_run_log.json"  # written by benchmarks/run_all.py: which scripts ran and their exit codes

@@ -19,6 +19,9 @@ class PromptLimits:
     max_prompt_tokens: int = 256  # visual prompt tokens per block (P)
     max_kv_tokens: int = 256  # key-value prompt tokens per block (T)
     max_classes: int = 100_000  # classes of the head (C)
+    # metadata other than labels (config, metrics, ...): JSON bytes. Listings copy it, so it stays small.
+    max_metadata_bytes: int = 8 * 1024
+    max_label_chars: int = 256  # characters of one label
 
 
 DEFAULT_LIMITS = PromptLimits()
@@ -40,6 +43,9 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = DEFAULT_LIMITS.max_prompt_tokens
     max_kv_tokens: int = DEFAULT_LIMITS.max_kv_tokens
     max_classes: int = DEFAULT_LIMITS.max_classes
+    # Metadata other than labels (config, metrics, ...): JSON bytes. Listings copy it, so it stays small.
+    max_metadata_bytes: int = DEFAULT_LIMITS.max_metadata_bytes
+    max_label_chars: int = DEFAULT_LIMITS.max_label_chars
 
     # --- Redis prompt store ---------------------------------------------------------------------
     redis_url: str = Field(
@@ -100,11 +106,15 @@ class Settings(BaseSettings):
     cache_max_bytes: int = 512 * 1024 * 1024
     cache_pinned_tasks: list[str] = []
     cache_preload_tasks: list[str] = []
-    # Fallback for missed pub/sub messages: at most one version check per this many ms per batch.
+    # Fallback for missed pub/sub messages: one version check of the cached tasks every this many ms, on a
+    # background thread (never in a request); negative: off.
     cache_version_check_ms: int = 500
-    # After a store error, fail cold loads at once (503) and skip version checks for this long: a Redis that
-    # times out (rather than refusing) must not stall every batch for store_socket_timeout.
+    # After a store error, cold loads fail at once (503) until a background probe (one every this many ms)
+    # gets an answer: a Redis that hangs (rather than refusing) must not stall batches.
     cache_store_backoff_ms: int = 1000
+    # Socket (and connect) timeout of the serving engine's Redis connection: a hung Redis costs a cold load
+    # at most this once; then cold loads fail at once (503) until the store answers a background probe.
+    cache_store_timeout_ms: int = 1000
     # Metrics: per-task labels for the N busiest tasks, the rest as "other".
     metrics_top_tasks: int = 50
     # prometheus-client HTTP endpoint inside the TorchServe workers (None: no endpoint, e.g. in-process).
@@ -171,6 +181,8 @@ class Settings(BaseSettings):
             max_prompt_tokens=self.max_prompt_tokens,
             max_kv_tokens=self.max_kv_tokens,
             max_classes=self.max_classes,
+            max_metadata_bytes=self.max_metadata_bytes,
+            max_label_chars=self.max_label_chars,
         )
 
     @property

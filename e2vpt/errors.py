@@ -51,6 +51,13 @@ class PromptSetTooLarge(E2VPTError):
     code = "prompt_set_too_large"
 
 
+class RequestTooLarge(E2VPTError):
+    """A request body (other than a prompt-set file or an image) over its size limit."""
+
+    http_status = 413
+    code = "request_too_large"
+
+
 class InvalidTaskId(E2VPTError):
     http_status = 400
     code = "invalid_task_id"

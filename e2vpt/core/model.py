@@ -389,7 +389,8 @@ class PromptedViT(nn.Module):
                     x[:, npre : npre + P] = visual[:, i]  # type: ignore[index]
                 else:  # graph capture (ONNX / torch.export / compile): the same thing, out of place
                     x = torch.cat([x[:, :npre], visual[:, i].to(x.dtype), x[:, npre + P :]], dim=1)  # type: ignore[index]
-            x = prompted_block(blk, x, kv[:, i] if T else None, mask, inplace=inplace)  # type: ignore[index]
+            # KV prompts in the model's dtype, as the visual ones: a batch built in another dtype still runs
+            x = prompted_block(blk, x, kv[:, i].to(x.dtype) if T else None, mask, inplace=inplace)  # type: ignore[index]
         if T:
             x = x[:, : x.shape[1] - T]  # drop the KV slots
         x = vit.norm(x)

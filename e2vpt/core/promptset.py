@@ -10,6 +10,10 @@ Tensors (float32, float16 or bfloat16; all float tensors share one dtype):
     head_bias     [C]
     segment_mask  [P, R] uint8     optional: kept (1) / pruned (0) segments of every visual token
     token_mask    [P] uint8        optional: kept / pruned tokens (absent from a compacted set)
+
+Masks hold 0 and 1 only (uint8 in a file; bool is accepted in memory and stored as uint8). The metadata
+(everything but the labels) is at most `max_metadata_bytes` of JSON, finite numbers only, nested at most
+`MAX_METADATA_DEPTH` levels; labels are at most `max_label_chars` characters each.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from e2vpt.config import DEFAULT_LIMITS, PromptLimits
+from e2vpt.core import safejson
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import RECIPES
 from e2vpt.core.method import DEFAULTS, SEGMENT_LAYOUTS, MethodConfig
@@ -46,6 +51,8 @@ TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TENSOR_KEYS = {"visual", "kv", "head_weight", "head_bias"}
 _MASK_KEYS = {"segment_mask", "token_mask"}
+MASK_DTYPES = (torch.uint8, torch.bool)
+MAX_METADATA_DEPTH = 16
 
 
 def check_task_id(task_id: object) -> str:
@@ -361,7 +368,7 @@ class PromptSet:
                 f"(this server reads {FORMAT_VERSION})"
             )
         check_task_id(self.task_id)
-        for key in ("backbone", "fingerprint", "method"):
+        for key in ("backbone", "fingerprint", "method", "created_at"):
             if not isinstance(getattr(self, key), str):
                 raise InvalidPromptSet(f"metadata field {key!r} must be a string")
         if not isinstance(self.config, MethodConfig) or not isinstance(self.metrics, dict):
@@ -370,6 +377,10 @@ class PromptSet:
             raise InvalidPromptSet(f"unknown preprocessing recipe {self.recipe!r}; expected one of {RECIPES}")
         if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
             raise InvalidPromptSet("labels must be a list of strings")
+        longest = max((len(x) for x in self.labels), default=0)
+        if longest > limits.max_label_chars:
+            raise InvalidPromptSet(f"a label has {longest} characters; the limit is {limits.max_label_chars}")
+        self._check_metadata_size(limits.max_metadata_bytes)
         floats = {
             "visual": self.visual,
             "kv": self.kv,
@@ -403,23 +414,44 @@ class PromptSet:
         caps = (limits.max_prompt_tokens, limits.max_kv_tokens, limits.max_classes)
         if any(n > cap for n, cap in zip((P, T, C), caps, strict=True)):
             raise PromptSetTooLarge(f"P={P}, T={T}, C={C} exceed the limits {caps[0]}/{caps[1]}/{caps[2]}")
+        for key, mask in (("token_mask", self.token_mask), ("segment_mask", self.segment_mask)):
+            if mask is not None:
+                _check_mask(key, mask)
         if self.token_mask is not None and tuple(self.token_mask.shape) != (P,):
             raise InvalidPromptSet(f"token_mask is {tuple(self.token_mask.shape)}; expected [{P}]")
         if self.segment_mask is not None:
             if (
                 self.segment_mask.ndim != 2
                 or self.segment_mask.shape[0] != P
+                or self.segment_mask.shape[1] < 1
                 or D % self.segment_mask.shape[1]
             ):
                 raise InvalidPromptSet(
                     f"segment_mask is {tuple(self.segment_mask.shape)}; "
-                    f"expected [{P}, R] with {D} divisible by R"
+                    f"expected [{P}, R] with R >= 1 and {D} divisible by R"
                 )
             if self.segment_layout not in SEGMENT_LAYOUTS:
                 raise InvalidPromptSet(f"unknown segment layout {self.segment_layout!r}")
         for key, t in floats.items():
             if not bool(torch.isfinite(t).all()):
                 raise InvalidPromptSet(f"{key} contains NaN or infinite values")
+
+    def _check_metadata_size(self, limit: int) -> None:
+        """The metadata without labels: JSON of finite numbers, at most `limit` bytes, shallow."""
+        meta = self.metadata()
+        meta.pop("labels")
+        try:
+            text = json.dumps(meta, allow_nan=False, sort_keys=True)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise InvalidPromptSet(f"metadata is not JSON of finite numbers: {exc}") from exc
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise InvalidPromptSet(
+                f"metadata (without labels) is {size} bytes of JSON; the limit is {limit} "
+                "(E2VPT_MAX_METADATA_BYTES)"
+            )
+        # metadata of a file was parsed with this bound already; this catches sets built in memory
+        safejson.loads(text, max_depth=MAX_METADATA_DEPTH, what="metadata", error=InvalidPromptSet)
 
     def validate(self, info: BackboneInfo | None = None, limits: PromptLimits = DEFAULT_LIMITS) -> PromptSet:
         """Structure, and (given a backbone) that it was made for exactly this backbone. Returns self."""
@@ -433,9 +465,9 @@ class PromptSet:
             )
         L, _, D = self.visual.shape
         _, _, H, _, Dh = self.kv.shape
-        if (info.depth, info.embed_dim) != (L, D) or (
-            self.num_kv and (H, Dh) != (info.num_heads, info.head_dim)
-        ):
+        # every axis, whatever P and T are: an empty KV tensor of the wrong head shape still breaks a
+        # batch it is padded into
+        if (info.depth, info.embed_dim, info.num_heads, info.head_dim) != (L, D, H, Dh):
             raise IncompatiblePromptSet(
                 f"shapes L={L}, D={D}, H={H}, Dh={Dh} do not fit backbone {info.name} "
                 f"(L={info.depth}, D={info.embed_dim}, H={info.num_heads}, Dh={info.head_dim})"
@@ -443,18 +475,37 @@ class PromptSet:
         return self
 
 
+def _check_mask(key: str, mask: torch.Tensor) -> None:
+    """A mask is uint8 (or bool) holding only 0 and 1: what training multiplies by and serving keeps."""
+    if mask.dtype not in MASK_DTYPES:
+        raise InvalidPromptSet(
+            f"{key} must be uint8 holding 0/1, got dtype {str(mask.dtype).removeprefix('torch.')}"
+        )
+    if mask.dtype != torch.bool and mask.numel() and int(mask.max()) > 1:
+        raise InvalidPromptSet(f"{key} must hold only 0 and 1, found {int(mask.max())}")
+
+
 def _read_metadata(data: bytes) -> dict[str, Any]:
-    """The JSON metadata of a safetensors payload, parsed by hand so that corrupt input fails cleanly."""
+    """The JSON metadata of a safetensors payload, parsed by hand (depth-bounded, finite numbers only)
+    so that corrupt or hostile input fails with a typed error."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
         raise CorruptPromptSet("payload is shorter than a safetensors header")
     header_len = int.from_bytes(bytes(data[:8]), "little")
     if header_len <= 0 or 8 + header_len > len(data):
         raise CorruptPromptSet("not a safetensors file (header length does not fit the payload; truncated?)")
+    # the header is {"__metadata__": {"e2vpt": "<json>"}, "<tensor>": {...}, ...}: 3 levels
+    header = safejson.loads(
+        bytes(data[8 : 8 + header_len]), max_depth=3, what="safetensors header", error=CorruptPromptSet
+    )
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-        meta = json.loads(header["__metadata__"][META_KEY])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptPromptSet(f"safetensors header has no readable '{META_KEY}' metadata: {exc}") from exc
+        text = header["__metadata__"][META_KEY]
+    except (KeyError, TypeError) as exc:
+        raise CorruptPromptSet(f"safetensors header has no '{META_KEY}' metadata") from exc
+    if not isinstance(text, str):
+        raise CorruptPromptSet(f"safetensors metadata '{META_KEY}' is not a string")
+    meta = safejson.loads(
+        text, max_depth=MAX_METADATA_DEPTH, what="prompt-set metadata", error=CorruptPromptSet
+    )
     if not isinstance(meta, dict):
         raise CorruptPromptSet("prompt-set metadata is not a JSON object")
     return meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -23,10 +24,20 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct free TCP ports, reserved together: every socket stays bound until all are chosen, so
+    no two of them can be the same port (asking one at a time, with the socket closed in between, can
+    hand out one port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """One free TCP port (several for one server: `free_ports`)."""
+    return free_ports(1)[0]
 
 
 @dataclass

@@ -24,8 +24,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.routing import Match
 
 from e2vpt.config import Settings, get_settings
+from e2vpt.core import safejson
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.promptset import TASK_ID_RE, check_task_id
 from e2vpt.errors import (
@@ -33,6 +35,7 @@ from e2vpt.errors import (
     E2VPTError,
     InvalidTaskId,
     PromptSetTooLarge,
+    RequestTooLarge,
     Unauthorized,
     http_status,
 )
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 # A multipart envelope (boundaries, part headers) around a file is small; bodies beyond this slack over
 # the prompt-set limit are refused before they are read.
 MULTIPART_SLACK_BYTES = 64 * 1024
+# JSON request bodies (rollback) are tiny: larger or deeper ones are refused before FastAPI parses them.
+MAX_JSON_BODY_BYTES = 64 * 1024
+MAX_JSON_BODY_DEPTH = 8
+BODY_METHODS = ("POST", "PUT", "PATCH")
 OCTET_STREAM = "application/octet-stream"
 SIZE_BUCKETS = tuple(float(2**k) for k in range(10, 28, 1))  # 1 KiB .. 128 MiB
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -82,13 +89,36 @@ class RegistryMetrics:
         )
 
 
+async def _check_json_body(request: Request) -> None:
+    """A JSON body is read here (capped) and checked for depth and finite numbers, so that the route's
+    own parsing only ever sees a small, shallow document. The body is kept for the route."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method not in BODY_METHODS or "json" not in ctype:
+        return
+    body = await _read_capped(request, MAX_JSON_BODY_BYTES, RequestTooLarge)
+    request._body = body  # what Request.body() caches: the route (and FastAPI) read it from there
+    safejson.loads(body, max_depth=MAX_JSON_BODY_DEPTH, what="request body")
+
+
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route serves on this path (what OPTIONS and 405 answers list in `Allow`)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
 def _error_response(exc: E2VPTError) -> JSONResponse:
     """The one place where errors become HTTP responses."""
     headers = {"WWW-Authenticate": 'Bearer realm="e2vpt-registry"'} if isinstance(exc, Unauthorized) else None
     return JSONResponse(status_code=http_status(exc), content=exc.to_dict(), headers=headers)
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
+async def _read_capped(
+    request: Request, limit: int, too_large: type[E2VPTError] = PromptSetTooLarge
+) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` (never read whole)."""
     length = request.headers.get("content-length")
     if length is not None:
@@ -97,12 +127,12 @@ async def _read_capped(request: Request, limit: int) -> bytes:
         except ValueError as exc:
             raise BadRequest(f"invalid Content-Length {length!r}") from exc
         if declared > limit:
-            raise PromptSetTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+            raise too_large(f"request body is {declared} bytes; the limit is {limit}")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise PromptSetTooLarge(f"request body exceeds the limit of {limit} bytes")
+            raise too_large(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -262,7 +292,22 @@ def _add_timing(app: FastAPI, metrics: RegistryMetrics) -> None:
         start = time.perf_counter()
         status = 500
         try:
-            response = await call_next(request)
+            if request.method == "OPTIONS":
+                allow = allowed_methods(app, request.scope)
+                response = (
+                    Response(status_code=204, headers={"Allow": ", ".join(allow)})
+                    if allow
+                    else _error_response(BadRequest(f"no route serves {request.url.path}"))
+                )
+            else:
+                try:
+                    await _check_json_body(request)
+                except E2VPTError as exc:
+                    response = _error_response(exc)
+                else:
+                    response = await call_next(request)
+                if response.status_code == 405:  # Starlette lists only the first matching route's methods
+                    response.headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
             status = response.status_code
             return response
         finally:

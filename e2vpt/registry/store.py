@@ -37,6 +37,7 @@ import redis
 import redis.exceptions as rexc
 
 from e2vpt.config import PromptLimits, Settings, get_settings
+from e2vpt.core import safejson
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import (
@@ -128,8 +129,8 @@ class StoreEvent:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> StoreEvent:
+        obj = safejson.loads(data, max_depth=2, what="store event")  # anyone may PUBLISH: bounded
         try:
-            obj = json.loads(data)
             event = cls(task_id=str(obj["task_id"]), version=int(obj["version"]), action=str(obj["action"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise BadRequest(f"not a store event: {data!r}") from exc
@@ -262,15 +263,20 @@ class PromptStore:
     """Versioned prompt sets of one backbone in Redis. Every method raises typed errors only."""
 
     @classmethod
-    def from_settings(cls, info: BackboneInfo, settings: Settings | None = None) -> PromptStore:
-        """The store the settings name (Redis URL, namespace, kept versions, timeouts, limits) for `info`."""
+    def from_settings(
+        cls, info: BackboneInfo, settings: Settings | None = None, *, socket_timeout: float | None = None
+    ) -> PromptStore:
+        """The store the settings name (Redis URL, namespace, kept versions, timeouts) for `info`.
+
+        `socket_timeout` overrides `store_socket_timeout` (serving uses its shorter `cache_store_timeout_ms`).
+        """
         s = settings or get_settings()
         return cls(
             s.redis_url,
             info,
             namespace=s.store_namespace,
             keep_versions=s.keep_versions,
-            socket_timeout=s.store_socket_timeout,
+            socket_timeout=socket_timeout if socket_timeout is not None else s.store_socket_timeout,
             limits=s.prompt_limits if settings is not None else None,
         )
 

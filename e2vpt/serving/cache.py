@@ -8,8 +8,10 @@
   concurrent misses of one task share one fetch.
 - Store events (pub/sub) replace or drop cached sets as soon as they are published; a rate-limited version
   check (`current_versions`, one round trip) catches messages missed while the subscription was down.
-- Redis unreachable: cached tasks keep serving; misses fail with `StoreUnavailable` (503). Nothing needs a
-  restart when Redis returns.
+- Redis unreachable or hung: cached tasks keep serving and never wait on Redis: once started, the cache
+  talks to the store on the request path only for cold loads; version checks run on a background thread
+  (`_watch_store`). The first failed store call marks the store down: cold loads then fail at once with
+  `StoreUnavailable` (503) until the background probe gets an answer again. Nothing needs a restart.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class PromptCache:
         self._last_check = 0.0
         self._subscription: Any = None
         self._closed = threading.Event()
+        # Set by a failed store call once the watcher runs; cleared only by the watcher's successful probe.
+        self._store_down = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._wake_watcher = threading.Event()  # the store went down or the cache closes: new interval
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, preload: Iterable[str] = ()) -> dict[str, E2VPTError]:
@@ -109,7 +115,38 @@ class PromptCache:
         Returns the preload errors by task (a missing preload task is reported, not fatal)."""
         if not self._try_subscribe():
             threading.Thread(target=self._subscribe_retry, name="e2vpt-cache-subscribe", daemon=True).start()
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_store, name="e2vpt-cache-store", daemon=True)
+            self._watcher.start()
         return self.preload([*self._pinned, *preload])
+
+    def _watch_store(self) -> None:
+        """Off the request path: the rate-limited version check (missed events) while the store answers;
+        while it is down, a probe every `store_backoff_s` until it answers again."""
+        while not self._closed.is_set():
+            if self._wake_watcher.wait(self._watch_interval()):
+                self._wake_watcher.clear()
+                continue  # the state changed: wait again, for the interval of the new state
+            if self._closed.is_set():
+                return
+            try:
+                if self._store_down.is_set():
+                    self.store.ping()
+                    self._store_down_until = 0.0
+                    self._store_down.clear()
+                    log.info("prompt store answers again")
+                if self.version_check_s >= 0:
+                    self._last_check = time.monotonic()
+                    self.check_versions()
+            except StoreUnavailable:
+                continue
+            except Exception:  # never let the watcher die
+                log.exception("prompt store watcher error")
+
+    def _watch_interval(self) -> float:
+        if self._store_down.is_set() or self.version_check_s < 0:
+            return max(self.store_backoff_s, 0.05)
+        return max(self.version_check_s, 0.05)
 
     def _try_subscribe(self) -> bool:
         try:
@@ -127,6 +164,7 @@ class PromptCache:
 
     def close(self) -> None:
         self._closed.set()
+        self._wake_watcher.set()
         if self._subscription is not None:
             self._subscription.stop()
             self._subscription = None
@@ -174,7 +212,7 @@ class PromptCache:
                 valid.append(check_task_id(task_id))
             except E2VPTError as exc:
                 out[task_id] = exc
-        if check:
+        if check and self._watcher is None:  # not started: no watcher thread, check on the caller's
             self._maybe_check_versions(valid)
         for task_id in valid:
             with self._lock:
@@ -230,7 +268,7 @@ class PromptCache:
                 self._inflight.pop(task_id, None)
 
     def _fetch(self, task_id: str, *, cold: bool = True) -> CachedPrompts:
-        if cold and time.monotonic() < self._store_down_until:
+        if cold and (self._store_down.is_set() or time.monotonic() < self._store_down_until):
             raise StoreUnavailable(
                 "prompt store (Redis) unavailable (a recent request failed; retrying shortly)"
             )
@@ -291,6 +329,11 @@ class PromptCache:
             self.metrics.resident_bytes.set(self._bytes)
 
     def _store_error(self, exc: Exception) -> None:
+        if self._store_down.is_set():
+            return  # known to be down: the watcher probes; not counted again
+        if self._watcher is not None:
+            self._store_down.set()
+            self._wake_watcher.set()  # probe every store_backoff_s from now on, not at the next version check
         self._store_down_until = time.monotonic() + self.store_backoff_s
         self.stats.store_errors += 1
         if self.metrics:

@@ -6,6 +6,10 @@ per-image prompts (any `FeatureBackend`), applies each image's own head and retu
 scores. Items that fail (bad image, unknown task, store down, ...) get their typed error in their slot;
 the rest succeed.
 
+Isolation: an unexpected exception while reading one item is that item's 500. When the mixed forward
+fails, every task is retried alone, so a task whose prompts break the forward fails only its own items
+(500, counted per task in `e2vpt_item_failures`). 503 means only "prompt store unavailable".
+
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """
 
@@ -132,7 +136,9 @@ class MultiTaskEngine:
         """Backbone (name / checkpoint, device, dtype), store, backend and cache, all from Settings."""
         settings = settings or get_settings()
         backbone = backbone_from_settings(settings, dtype=serving_dtype(settings))
-        store = PromptStore.from_settings(backbone.info, settings)
+        store = PromptStore.from_settings(
+            backbone.info, settings, socket_timeout=settings.cache_store_timeout_ms / 1000
+        )
         return cls(backbone, store, settings, start=start)
 
     def close(self) -> None:
@@ -164,6 +170,9 @@ class MultiTaskEngine:
                 valid.append((i, task_id, k))
             except E2VPTError as exc:
                 out[i] = exc
+            except Exception as exc:  # a bug reading one item fails that item, never the batch
+                log.exception("item %d could not be read", i)
+                out[i] = E2VPTError(f"unreadable item: {type(exc).__name__}")
         # decoded in one batch (GPU JPEGs, a thread pool for the rest); a bad image fails its own item
         if self._limits[0] is not self.settings:  # settings may be swapped on a live engine
             self._limits = (self.settings, ImageLimits.from_settings(self.settings))
@@ -196,14 +205,7 @@ class MultiTaskEngine:
                 good.append(replace(item, pixels=x))
         tasks: list[str] = list(dict.fromkeys(item.task_id for item in good))
         if good:
-            try:
-                results = self._forward(good, [resolved[item.task_id] for item in good])  # type: ignore[misc]
-                for item, r in zip(good, results, strict=True):
-                    out[item.index] = r
-            except Exception as exc:  # a failing forward fails its items, typed, never the process
-                log.exception("forward of a batch of %d items failed", len(good))
-                for item in good:
-                    out[item.index] = E2VPTError(f"inference failed: {type(exc).__name__}")
+            self._forward_isolated(good, resolved, out)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - t0
         self.metrics.observe_batch(len(items), len(tasks))
         final: list[Result | E2VPTError] = []
@@ -220,6 +222,43 @@ class MultiTaskEngine:
             self.metrics.observe_item(task_id, 200 if isinstance(res, Result) else http_status(res), elapsed)
             final.append(res)
         return final
+
+    def _forward_isolated(
+        self,
+        good: list[BatchItem],
+        resolved: dict[str, CachedPrompts],
+        out: list[Result | E2VPTError | None],
+    ) -> None:
+        """One forward of all `good` items; if it fails, one forward per task, so that a task whose
+        prompts break the forward fails only its own items (500, counted per task)."""
+        tasks = list(dict.fromkeys(item.task_id for item in good))
+        try:
+            results = self._forward(good, [resolved[item.task_id] for item in good])
+        except Exception:
+            if len(tasks) == 1:
+                self._fail_task(tasks[0], good, out)
+                return
+            log.exception(
+                "forward of %d items of %d tasks failed; retrying task by task", len(good), len(tasks)
+            )
+            for task_id in tasks:
+                own = [item for item in good if item.task_id == task_id]
+                try:
+                    own_results = self._forward(own, [resolved[task_id]] * len(own))
+                except Exception:
+                    self._fail_task(task_id, own, out)
+                    continue
+                for item, r in zip(own, own_results, strict=True):
+                    out[item.index] = r
+            return
+        for item, r in zip(good, results, strict=True):
+            out[item.index] = r
+
+    def _fail_task(self, task_id: str, items: list[BatchItem], out: list[Result | E2VPTError | None]) -> None:
+        log.exception("forward of task %r failed (%d items)", task_id, len(items))
+        self.metrics.observe_failure(task_id, "forward", len(items))
+        for item in items:
+            out[item.index] = E2VPTError(f"inference failed for task {task_id!r}")
 
     @torch.inference_mode()
     def _forward(self, good: list[BatchItem], entries: list[CachedPrompts]) -> list[Result]:

@@ -134,6 +134,13 @@ class ServingMetrics:
             "e2vpt_cache_resident_bytes", "Bytes of resident prompt sets (summed over workers)", registry=reg,
             **gauge_kw,
         )  # fmt: skip
+        self.failures = Counter(
+            "e2vpt_item_failures",
+            "Items that failed unexpectedly (500), by task and stage (forward: the task's prompts broke "
+            "its forward and it was retried alone)",
+            ["task", "stage"],
+            registry=reg,
+        )
         self.store_errors = Counter(
             "e2vpt_store_errors", "Prompt store (Redis) errors seen by serving", registry=reg
         )
@@ -150,6 +157,9 @@ class ServingMetrics:
         label = self.task_label(task_id)
         self.requests.labels(task=label, status=str(status)).inc()
         self.latency.labels(task=label).observe(seconds)
+
+    def observe_failure(self, task_id: str | None, stage: str, items: int = 1) -> None:
+        self.failures.labels(task=self.task_label(task_id), stage=stage).inc(items)
 
     def observe_batch(self, items: int, tasks: int) -> None:
         self.batch_size.observe(items)

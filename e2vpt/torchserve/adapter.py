@@ -9,6 +9,8 @@ A request carries a task id and an image in one of three shapes:
 Query parameters never reach a TorchServe handler, so they are not a way to pass the task id. Header
 names arrive as the client sent them: they are compared case-insensitively. Every bad input becomes a
 typed error for that item only (400 missing/bad input, 404, 413, 422, 503 come from the engine).
+JSON bodies are read with `e2vpt.core.safejson` (nesting depth bounded, finite numbers only). Any
+exception while reading one request, expected or not, becomes that request's error: never the batch's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from e2vpt.config import Settings, settings_with_defaults
+from e2vpt.core import safejson
 from e2vpt.errors import BadRequest, E2VPTError, InvalidImage
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import MetricsEndpoint
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 TASK_HEADER = "x-task-id"
 WORKER_HEADER = "X-E2VPT-Worker"  # response header: the worker process that answered (debugging, tests)
 TOP_K_HEADER = "x-top-k"
+MAX_JSON_DEPTH = 8  # {"task_id": ..., "image": ..., "top_k": ...} is 1 level deep
 IMAGE_FIELDS = ("image", "file")
 RAW_FIELDS = ("body", "data")
 ENGINE_CONFIG = "engine.json"  # settings packed into the .mar (environment variables still override)
@@ -76,10 +80,8 @@ def _json_body(value: Any, content_type: str) -> dict[str, Any] | None:
     if isinstance(value, dict):
         return value
     if isinstance(value, (bytes, bytearray)) and "json" in content_type:
-        try:
-            obj = json.loads(bytes(value))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from exc
+        # also what TorchServe forwards raw when its own json.loads fails (e.g. RecursionError)
+        obj = safejson.loads(value, max_depth=MAX_JSON_DEPTH, what="JSON body")
         if not isinstance(obj, dict):
             raise BadRequest("a JSON body must be an object with 'task_id' and 'image'")
         return obj
@@ -173,6 +175,9 @@ def parse_batch(data: list[Mapping[str, Any]] | None, context: TSContext) -> lis
             items.append(parse_request(request, headers))
         except E2VPTError as exc:
             items.append(exc)
+        except Exception as exc:  # a parser bug must fail its own request only
+            log.exception("request %d of a batch could not be read", idx)
+            items.append(BadRequest(f"unreadable request: {type(exc).__name__}"))
     return items
 
 
@@ -182,7 +187,12 @@ def handle_batch(
     """What the TorchServe handler's `handle` returns: one JSON object per request, each failed item with
     its own HTTP status (`context.set_response_status(code, phrase, idx)`); the others stay 200."""
     items = parse_batch(data, context)
-    results = engine.predict(items)
+    try:
+        results = engine.predict(items)
+    except Exception as exc:  # the engine isolates items itself; this only keeps TorchServe's 503 out
+        log.exception("engine failed on a batch of %d requests", len(items))
+        failure = E2VPTError(f"inference failed: {type(exc).__name__}")
+        results = [item if isinstance(item, E2VPTError) else failure for item in items]
     out: list[Any] = []
     worker = str(os.getpid())
     for idx, res in enumerate(results):

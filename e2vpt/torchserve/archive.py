@@ -30,7 +30,7 @@ import httpx
 
 from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import load_backbone, read_checkpoint_spec, save_checkpoint
-from e2vpt.dev.localredis import free_port
+from e2vpt.dev.localredis import free_ports
 from e2vpt.torchserve.adapter import BACKBONE_FILE, ENGINE_CONFIG
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,17 @@ class TorchServe:
         self.batch_size = batch_size if batch_size is not None else ts_batch_size
         self.max_batch_delay_ms = max_batch_delay_ms if max_batch_delay_ms is not None else ts_delay_ms
         self.bind = bind or s.ts_bind
-        self.inference_port = inference_port or free_port()
-        self.management_port = management_port or free_port()
-        self.metrics_port = metrics_port or free_port()
-        self.worker_metrics_port = worker_metrics_port or free_port()
+        # every port this instance needs, reserved in one go (distinct by construction); explicit ones kept
+        given = (inference_port, management_port, metrics_port, worker_metrics_port)
+        free = iter(free_ports(sum(1 for p in given if not p) + 3))
+        self.inference_port, self.management_port, self.metrics_port, self.worker_metrics_port = (
+            p or next(free) for p in given
+        )
+        self.initial_worker_port, self.grpc_inference_port, self.grpc_management_port = (
+            next(free),
+            next(free),
+            next(free),
+        )
         self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._keys: dict[str, str] = {}
@@ -207,9 +214,9 @@ class TorchServe:
             models_json=json.dumps(models, separators=(",", ":")),
             response_timeout_s=s.ts_response_timeout_s,
             token_expiration_min=s.ts_token_expiration_min,
-            initial_worker_port=free_port(),
-            grpc_inference_port=free_port(),
-            grpc_management_port=free_port(),
+            initial_worker_port=self.initial_worker_port,
+            grpc_inference_port=self.grpc_inference_port,
+            grpc_management_port=self.grpc_management_port,
             max_request_size=s.ts_max_request_size,
             max_response_size=s.ts_max_request_size,
             job_queue_size=s.ts_job_queue_size,
@@ -319,12 +326,15 @@ class TorchServe:
             return 0
         return sum(1 for m in desc for w in m.get("workers", []) if w.get("status") == "READY")
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0) -> bool:
+        """End TorchServe's process group; returns as soon as every process of it has exited (True when
+        it had to be killed after `timeout`)."""
         if self.proc is None:
-            return
-        stop_group(self.proc.pid, timeout)
+            return False
+        killed = stop_group(self.proc.pid, timeout, leader=self.proc)
         self.proc.wait(timeout=5)
         self.proc = None
+        return killed
 
     def __enter__(self) -> TorchServe:
         return self.start() if self.proc is None else self
@@ -333,21 +343,28 @@ class TorchServe:
         self.stop()
 
 
-def stop_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by `pid` (TorchServe, its JVM and workers), SIGKILL what remains."""
+def stop_group(pid: int, timeout: float = 20.0, leader: subprocess.Popen[bytes] | None = None) -> bool:
+    """SIGTERM the process group led by `pid` (TorchServe, its JVM and workers), SIGKILL what remains.
+
+    Returns as soon as the group is empty: False, or True when it had to SIGKILL after `timeout`.
+    `leader`: the group leader when it is our child; it is reaped while waiting (an exited but unreaped
+    child still counts as a member of its group, which made every stop wait the full timeout)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()  # reap the launcher once it exits
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            return
-        time.sleep(0.2)
+            return False
+        time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+    return True
 
 
 # ---------------------------------------------------------------------- CLI: e2vpt serve ...

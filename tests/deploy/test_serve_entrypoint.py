@@ -48,11 +48,11 @@ def test_serve_entrypoint_runs_torchserve_until_sigterm(
     import httpx
 
     from e2vpt.core.backbone import save_checkpoint
-    from e2vpt.dev.localredis import free_port
+    from e2vpt.dev.localredis import free_ports
 
     bb = tiny_backbone()
     ckpt = save_checkpoint(bb.model, bb.info.name, bb.info.model_kwargs, tmp_path / "backbone.safetensors")
-    ports = {k: free_port() for k in ("inference", "management", "metrics", "worker")}
+    ports = dict(zip(("inference", "management", "metrics", "worker"), free_ports(4), strict=True))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("E2VPT_")},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_backbone
 from ts.context import Context, RequestProcessor
 
 from e2vpt.config import Settings
@@ -22,6 +21,7 @@ from e2vpt.registry.store import PromptStore
 from e2vpt.serving.backends import TorchBackend, make_backend
 from e2vpt.serving.engine import serving_dtype
 from e2vpt.torchserve.archive import TorchServe
+from tests.helpers import tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 

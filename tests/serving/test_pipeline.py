@@ -176,7 +176,7 @@ def test_gpu_decode_path() -> None:
     fail alone; pixels match the CPU decoders within nvjpeg's IDCT differences."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.conftest import tiny_backbone
+    from tests.helpers import tiny_backbone
 
     info = tiny_backbone().info
     pipe = ImagePipeline(info, ImageLimits(), "cuda", threads=2)

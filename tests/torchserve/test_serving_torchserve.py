@@ -12,7 +12,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,7 @@ from e2vpt.registry.store import PromptStore
 from e2vpt.torchserve.adapter import WORKER_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
 from tests.helpers import TINY, RedisServer
+from tests.poison import deep_json
 from tests.serving_helpers import offline_predict
 
 pytestmark = [
@@ -79,9 +80,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         yield Served(ts, store, redis, backbone)
     finally:
-        ts.stop()
+        killed = ts.stop()
         store.close()
         redis.stop()
+    assert not killed, "TorchServe did not exit on SIGTERM (or stop() missed its exit)"
 
 
 async def _send(
@@ -150,6 +152,58 @@ def test_each_bad_item_gets_its_status_while_the_rest_succeed(served: Served) ->
     ]
     statuses = [r.status_code for r in burst(served, reqs)]
     assert statuses == [200, 404, 400, 400, 400, 413, 413, 400, 200, 200]
+
+
+def test_poison_items_fail_alone_in_shared_batches(served: Served) -> None:
+    """Issue 13 through a real TorchServe: each hostile request gets its own 4xx (never a 5xx), while the
+    good requests of several tasks sharing its batches all answer exactly the offline prediction."""
+    info = served.backbone.info
+    poisoned = make_set("t6", served.backbone, 3, 6)
+    served.store.register(poisoned)  # then its stored blob is replaced: a tampered or stale store
+    blob = replace(poisoned, kv=torch.zeros(info.depth, 1, 7, 0, 13)).to_bytes()
+    served.store.client.hset(f"{served.store.prefix}:task:t6:blob", 1, blob)
+    js = {"Content-Type": "application/json"}
+    good = {t: image_bytes(60 + i) for i, t in enumerate(("t1", "t2", "t3"))}
+    b64 = base64.b64encode(good["t1"]).decode()
+    poison: list[tuple[bytes, dict[str, str], int]] = [
+        (deep_json(), js, 400),  # RecursionError in TorchServe's json.loads: forwarded raw, refused here
+        (b'{"task_id": "t1", "image": ' + deep_json(900) + b"}", js, 400),  # decoded by TorchServe
+        (b'{"task_id": "t2", "image": "' + b64.encode() + b'", "top_k": NaN}', js, 400),
+        (b'{"task_id": "t3", "image": "' + b64.encode() + b'", "top_k": 1e999}', js, 400),
+        (b"[" + b'{"task_id": "t1"}' + b"]", js, 400),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR garbage", {"X-Task-Id": "t2"}, 400),
+        (good["t3"], {"X-Task-Id": "t6"}, 422),  # its prompts are refused at load: its items only
+        (good["t3"], {"X-Task-Id": "../t1"}, 400),
+    ]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=served.ts.auth(), timeout=60) as client:
+            calls = []
+            for round_ in range(3):
+                for t, img in good.items():
+                    calls.append(
+                        client.post(served.ts.predictions_url, content=img, headers={"X-Task-Id": t})
+                    )
+                for body, headers, _ in poison[round_::3]:
+                    calls.append(client.post(served.ts.predictions_url, content=body, headers=headers))
+            return await asyncio.gather(*calls)
+
+    rs = asyncio.run(run())
+    sets = {t: served.store.get(t)[0] for t in good}
+    expected_poison = iter(code for round_ in range(3) for _, _, code in poison[round_::3])
+    i = 0
+    for round_ in range(3):
+        for t, img in good.items():
+            r = rs[i]
+            i += 1
+            assert r.status_code == 200, r.text
+            expected = offline_predict(served.backbone, sets[t], img, top_k=3)
+            assert [p["label"] for p in r.json()["predictions"]] == [label for label, _ in expected]
+        for _ in poison[round_::3]:
+            r = rs[i]
+            i += 1
+            assert r.status_code == next(expected_poison), r.text
+            assert "error" in r.json()
 
 
 def test_task_registered_while_serving_is_served_at_once(served: Served) -> None:
