@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
@@ -47,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -57,6 +55,7 @@ from e2vpt.config import Settings  # noqa: E402
 from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.core.model import PromptedViT, TaskBatch  # noqa: E402
 from e2vpt.core.promptset import PromptSet  # noqa: E402
+from e2vpt.dev.images import photo_jpeg  # noqa: E402
 from e2vpt.serving.backends import make_backend  # noqa: E402
 from e2vpt.serving.cache import compacted  # noqa: E402
 from e2vpt.serving.engine import DTYPES, RequestItem, Result, serving_dtype  # noqa: E402
@@ -176,20 +175,6 @@ def make_sets(bb: Backbone, n: int, kinds: Sequence[tuple[int, int, bool]], seed
 
 UNIFORM = [(10, 5, False)]  # P = 10, T = 5 for every task
 PADDED = [(10, 5, False), (10, 5, True), (10, 3, False)]  # P 10 / 5 (compacted), T 5 / 3: padding and masks
-
-
-def photo_jpeg(seed: int, size: tuple[int, int] = (640, 480), quality: int = 90) -> bytes:
-    """A photo-like JPEG (smooth random colour field plus mild grain): decodes like a camera picture, where
-    pure noise would make the entropy decoder the whole cost."""
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    field = torch.rand(1, 3, h // 32 + 2, w // 32 + 2, generator=g)
-    img = torch.nn.functional.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)[0]
-    img = (img + 0.04 * torch.randn(3, h, w, generator=g)).clamp(0, 1)
-    arr = (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------- measured variants
@@ -421,9 +406,53 @@ def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
             rows.append({"B": B, "calls": len(lat), "median_ms": med * 1e3, "p90_ms": float(np.percentile(lat, 90)) * 1e3,
                          "items_per_s": B / med, "errors": errors})  # fmt: skip
             print_rows("engine", rows[-1:])
+        rows.append(engine_two_workers(engine, bb, store, settings, tasks, jpegs, prof, rng))
+        print_rows("engine", rows[-1:])
     finally:
         engine.close()
     return rows
+
+
+def engine_two_workers(engine: Any, bb: Backbone, store: Any, settings: Settings, tasks: list[str],
+                       jpegs: list[bytes], prof: Profile, rng: Any, B: int = 64) -> dict:  # fmt: skip
+    """Two engines on one GPU, each called back to back from its own thread (what two TorchServe workers
+    do): one engine's decoding and host work overlap the other's forward. Items/s of both together."""
+    import threading
+
+    from e2vpt.registry.store import PromptStore
+    from e2vpt.serving.engine import MultiTaskEngine
+
+    # its own store (an engine closes its store), as a second worker process has
+    second = MultiTaskEngine(bb, PromptStore(store.redis_url, bb.info, namespace=store.namespace), settings)
+    engines = [engine, second]
+    for i in range(0, len(tasks), 64):
+        second.predict([RequestItem(t, jpegs[0]) for t in tasks[i : i + 64]])
+    batches = [[RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
+                for _ in range(B)] for _ in range(8)]  # fmt: skip
+    done = [0, 0]
+    errors = [0, 0]
+    t_end = time.perf_counter() + prof.engine_seconds
+
+    def work(k: int) -> None:
+        j = 0
+        while time.perf_counter() < t_end:
+            res = engines[k].predict(batches[j % len(batches)])
+            errors[k] += sum(not isinstance(r, Result) for r in res)
+            done[k] += B
+            j += 1
+
+    try:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t0
+    finally:
+        second.close()
+    return {"B": f"{B} x 2 engines", "calls": sum(done) // B, "median_ms": float("nan"), "p90_ms": float("nan"),
+            "items_per_s": sum(done) / wall, "errors": sum(errors)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- HTTP

@@ -15,7 +15,7 @@ from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import ImageLimits, decode_image, decode_tensor, eval_transform, pil_to_tensor
 from e2vpt.core.promptset import PromptSet
-from e2vpt.dev.images import image_bytes, png_header_bomb
+from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb
 from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
@@ -173,7 +173,8 @@ def test_engine_poison_batch_good_items_all_succeed(backbone: Backbone, store: P
 @pytest.mark.cuda
 def test_gpu_decode_path() -> None:
     """nvjpeg decodes the batch's JPEGs on the device; the rest come from the thread pool; poison items
-    fail alone; pixels match the CPU decoders within nvjpeg's IDCT differences."""
+    fail alone; on photo-like JPEGs the pixels match the CPU decoders within nvjpeg's IDCT and chroma
+    upsampling differences (on pure noise with subsampled chroma those differ by far more: shape only)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.helpers import tiny_backbone
@@ -181,14 +182,16 @@ def test_gpu_decode_path() -> None:
     info = tiny_backbone().info
     pipe = ImagePipeline(info, ImageLimits(), "cuda", threads=2)
     try:
-        good = good_images()
+        photos = [photo_jpeg(1), photo_jpeg(2, (200, 150)), photo_jpeg(3, (200, 150))]
+        good = [*photos, *good_images()]
         poison = [d for d, _ in poison_images().values()]
         out = pipe.decode([*good, *poison])
-        for data, x in zip(good, out, strict=True):
+        for j, (data, x) in enumerate(zip(good, out, strict=True)):
             assert isinstance(x, torch.Tensor) and x.device.type == "cuda"
             ref = decode_tensor(data, ImageLimits())
             assert x.shape == ref.shape  # EXIF orientation applied on the GPU path too
-            assert (x.cpu().int() - ref.int()).abs().float().mean() < 2.0
+            if j < len(photos):
+                assert (x.cpu().int() - ref.int()).abs().float().mean() < 2.0
         assert all(isinstance(x, E2VPTError) for x in out[len(good) :])
         xs = pipe.transform(out[: len(good)], ["vtab"] * len(good))  # type: ignore[arg-type]
         assert all(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in xs)
