@@ -25,6 +25,7 @@ class PromptLimits:
 
 
 DEFAULT_LIMITS = PromptLimits()
+GPU_DECODE_MIN_PIXELS = 256 * 256  # see Settings.image_gpu_decode_min_pixels
 
 
 class Settings(BaseSettings):
@@ -102,6 +103,10 @@ class Settings(BaseSettings):
     image_decode_threads: int = 0
     # On a CUDA engine, decode baseline JPEGs on the GPU (torchvision's nvjpeg decoder) in one batch.
     image_gpu_decode: bool = True
+    # ... but only JPEGs of at least this many pixels: nvjpeg's chroma upsampling differs from libjpeg's (what
+    # training decodes with); on an H200, 640x480: <= 1 grey level, top-1 100%; 32x32: up to 64, top-1 92%.
+    # Small images are cheap on the CPU, so they get the pixels they were trained on.
+    image_gpu_decode_min_pixels: int = GPU_DECODE_MIN_PIXELS
     # Device-resident prompt cache: byte budget (LRU beyond it), pinned and preloaded task ids.
     cache_max_bytes: int = 512 * 1024 * 1024
     cache_pinned_tasks: list[str] = []

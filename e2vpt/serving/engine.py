@@ -115,6 +115,7 @@ class MultiTaskEngine:
             self.device,
             threads=self.settings.image_decode_threads,
             gpu_decode=self.settings.image_gpu_decode,
+            gpu_min_pixels=self.settings.image_gpu_decode_min_pixels,
         )
         self.cache = PromptCache(
             store,

@@ -1,7 +1,7 @@
 """`ImagePipeline`: a batch of encoded images -> one normalised input tensor per item, in batches.
 
 decode(): every header is read and checked first (format allowed, bytes, pixels, bombs). On a CUDA
-engine, baseline JPEGs are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
+engine, baseline JPEGs of at least `gpu_min_pixels` are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
 EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
 every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
 decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torchvision.io as tvio
 
+from e2vpt.config import GPU_DECODE_MIN_PIXELS
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import (
     ImageLimits,
@@ -57,11 +58,14 @@ class ImagePipeline:
         *,
         threads: int = 0,
         gpu_decode: bool = True,
+        gpu_min_pixels: int = GPU_DECODE_MIN_PIXELS,
     ) -> None:
         self.info = info
         self.limits = limits or ImageLimits()
         self.device = torch.device(device)
         self.gpu_decode = gpu_decode and self.device.type == "cuda"
+        # smaller JPEGs are decoded on the CPU: libjpeg's pixels (what training saw), at little cost
+        self.gpu_min_pixels = gpu_min_pixels
         self.threads = threads if threads > 0 else min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="e2vpt-images")
         self._recipes: dict[str, Preprocess] = {}
@@ -104,7 +108,7 @@ class ImagePipeline:
                 continue
             try:
                 img = open_image(data, limits)
-                if is_fast_jpeg(img):
+                if is_fast_jpeg(img) and img.width * img.height >= self.gpu_min_pixels:
                     gpu.append(i)
                     orientation.append(exif_orientation(img))
                 else:

@@ -182,16 +182,21 @@ def test_gpu_decode_path() -> None:
     info = tiny_backbone().info
     pipe = ImagePipeline(info, ImageLimits(), "cuda", threads=2)
     try:
-        photos = [photo_jpeg(1), photo_jpeg(2, (200, 150)), photo_jpeg(3, (200, 150))]
-        good = [*photos, *good_images()]
+        photos = [photo_jpeg(1), photo_jpeg(2, (512, 384))]  # >= gpu_min_pixels: nvjpeg
+        good = [*photos, *good_images()]  # small ones: the CPU decoders (libjpeg's pixels, as in training)
         poison = [d for d, _ in poison_images().values()]
         out = pipe.decode([*good, *poison])
         for j, (data, x) in enumerate(zip(good, out, strict=True)):
-            assert isinstance(x, torch.Tensor) and x.device.type == "cuda"
+            assert isinstance(x, torch.Tensor)
             ref = decode_tensor(data, ImageLimits())
             assert x.shape == ref.shape  # EXIF orientation applied on the GPU path too
+            diff = (x.cpu().int() - ref.int()).abs().float().mean()
             if j < len(photos):
-                assert (x.cpu().int() - ref.int()).abs().float().mean() < 2.0
+                # nvjpeg's IDCT and chroma upsampling differ from libjpeg's (mean 3.9 grey levels measured
+                # on an H200 for a grainy 640x480 photo); a wrong orientation or channel order is far more
+                assert x.device.type == "cuda" and diff < 6.0
+            else:
+                assert diff == 0  # decoded on the CPU: exactly the training pixels
         assert all(isinstance(x, E2VPTError) for x in out[len(good) :])
         xs = pipe.transform(out[: len(good)], ["vtab"] * len(good))  # type: ignore[arg-type]
         assert all(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in xs)
