@@ -186,7 +186,7 @@ def test_gpu_decode_path() -> None:
         good = [*photos, *good_images()]  # small ones: the CPU decoders (libjpeg's pixels, as in training)
         poison = [d for d, _ in poison_images().values()]
         out = pipe.decode([*good, *poison])
-        for j, (data, x) in enumerate(zip(good, out, strict=True)):
+        for j, (data, x) in enumerate(zip(good, out[: len(good)], strict=True)):
             assert isinstance(x, torch.Tensor)
             ref = decode_tensor(data, ImageLimits())
             assert x.shape == ref.shape  # EXIF orientation applied on the GPU path too
