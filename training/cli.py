@@ -160,6 +160,7 @@ def load_cli_backbone(args: argparse.Namespace) -> Backbone:
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
         device=args.device or settings.device,
+        pretrained_dir=settings.pretrained_dir,
         **kwargs,
     )
 

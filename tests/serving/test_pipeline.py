@@ -14,12 +14,12 @@ from PIL import Image
 from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import ImageLimits, decode_image, decode_tensor, eval_transform, pil_to_tensor
-from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb
 from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.pipeline import ImagePipeline
+from tests.helpers import make_set
 from tests.serving_helpers import offline_predict
 
 
@@ -118,19 +118,6 @@ def test_limits_per_call(pipeline: ImagePipeline) -> None:
     small = ImageLimits(max_pixels=250_000, formats=frozenset({"JPEG", "JPEG2000"}))
     out = pipeline.decode([big, j2k], small)
     assert isinstance(out[0], ImageTooLarge) and isinstance(out[1], torch.Tensor)
-
-
-@pytest.fixture
-def store(backbone: Backbone, redis_url: str, namespace: str) -> Iterator[PromptStore]:
-    st = PromptStore(redis_url, backbone.info, namespace=namespace)
-    yield st
-    st.drop_all()
-    st.close()
-
-
-def make_set(task_id: str, bb: Backbone, classes: int, seed: int, **kw: object) -> PromptSet:
-    g = torch.Generator().manual_seed(seed)
-    return PromptSet.create(task_id, bb.info, [f"{task_id}-c{i}" for i in range(classes)], generator=g, **kw)
 
 
 @pytest.mark.integration

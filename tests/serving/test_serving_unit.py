@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import torch
 from PIL import Image
 from prometheus_client import generate_latest
 from ts.context import Context, RequestProcessor
@@ -20,7 +19,6 @@ from ts.context import Context, RequestProcessor
 from e2vpt.config import Settings, settings_with_defaults
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import decode_image, eval_transform
-from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, png_header_bomb
 from e2vpt.errors import (
     BadRequest,
@@ -36,21 +34,8 @@ from e2vpt.serving.cache import PromptCache
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import ServingMetrics, TaskLabeler
 from e2vpt.torchserve.adapter import handle_batch, parse_request
-from tests.helpers import RedisServer, tiny_backbone, wait_for
+from tests.helpers import RedisServer, make_set, tiny_backbone, wait_for
 from tests.serving_helpers import offline_predict
-
-
-def make_set(task_id: str, bb: Backbone, classes: int = 4, seed: int = 0, **kw: object) -> PromptSet:
-    g = torch.Generator().manual_seed(seed)
-    return PromptSet.create(task_id, bb.info, [f"{task_id}-c{i}" for i in range(classes)], generator=g, **kw)
-
-
-@pytest.fixture
-def store(backbone: Backbone, redis_url: str, namespace: str) -> Iterator[PromptStore]:
-    st = PromptStore(redis_url, backbone.info, namespace=namespace)
-    yield st
-    st.drop_all()
-    st.close()
 
 
 @pytest.fixture

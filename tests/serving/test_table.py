@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -32,14 +31,6 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def model(backbone: Backbone) -> PromptedViT:
     return PromptedViT(backbone).eval()
-
-
-@pytest.fixture
-def store(backbone: Backbone, redis_url: str, namespace: str) -> Iterator[PromptStore]:
-    st = PromptStore(redis_url, backbone.info, namespace=namespace)
-    yield st
-    st.drop_all()
-    st.close()
 
 
 def table_logits(model: PromptedViT, images: Tensor, batch: TableBatch) -> Tensor:
