@@ -240,6 +240,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except E2VPTError as exc:
         log.error("%s: %s", type(exc).__name__, exc.message)
         return 1
+    except FileNotFoundError as exc:  # a --checkpoint (or list-file image) path that does not exist
+        log.error("%s", exc)
+        return 1
     res = run.report["result"]
     print(json.dumps({"task_id": task_id, "out": str(out), **res, "files": run.report["files"]}, indent=2))
     return 0

@@ -179,6 +179,10 @@ def scan_image_folder(
         classes = found
         if not classes:
             raise InvalidDataset(f"{root} has no class folders (expected {root}/<class>/<image>)")
+        if len(classes) < 2:
+            raise InvalidDataset(
+                f"{root} has one class folder ({classes[0]}): a classifier needs at least two"
+            )
     missing = [c for c in classes if c not in found]
     if missing:
         raise InvalidDataset(f"missing class folder(s) in {root}: {', '.join(missing)}")

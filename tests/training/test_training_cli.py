@@ -124,6 +124,14 @@ def test_train_cli_reports_bad_data_clearly(tmp_path: Path, caplog) -> None:
     assert "3.png" in caplog.text and "InvalidDataset" in caplog.text
 
 
+def test_train_cli_missing_checkpoint_is_one_line_not_a_traceback(tmp_path: Path, caplog) -> None:
+    root = _folder(tmp_path / "ds")
+    missing = tmp_path / "nope.safetensors"
+    argv = ["train", "--checkpoint", str(missing), "--data", str(root), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert str(missing) in caplog.text and "Traceback" not in caplog.text
+
+
 def test_register_errors_are_typed(registry: Registry, backbone) -> None:
     ps = PromptSet.create("t1", backbone.info, ["a", "b"], num_prompts=1, num_kv=1)
     assert register_prompt_set(registry.url, ps, token="secret") == {"task_id": "t1", "version": 1}

@@ -42,6 +42,13 @@ def test_image_folder_flat_split(tmp_path: Path) -> None:
     assert x.shape == (3, 20, 20) and y in (0, 1)
 
 
+def test_one_class_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidDataset, match=r"one class folder \(cat\)"):
+        image_folder_splits(_folder(tmp_path / "ds", classes=("cat",)))
+    with pytest.raises(InvalidDataset, match=r"one class folder"):
+        image_folder_splits(_folder(tmp_path / "split" / "train", classes=("cat",)).parent)
+
+
 def test_image_folder_with_splits_and_missing_class(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     _folder(root / "train")
