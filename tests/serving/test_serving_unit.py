@@ -33,7 +33,8 @@ from e2vpt.registry.store import PromptStore
 from e2vpt.serving.cache import PromptCache
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import ServingMetrics, TaskLabeler
-from e2vpt.torchserve.adapter import handle_batch, parse_request
+from e2vpt.serving.requests import parse_request
+from e2vpt.torchserve.adapter import handle_batch
 from tests.helpers import RedisServer, make_set, tiny_backbone, wait_for
 from tests.serving_helpers import offline_predict
 
