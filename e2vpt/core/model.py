@@ -412,12 +412,20 @@ class PromptedViT(nn.Module):
         """Logits [B, C] of one task (training and evaluation of a single task)."""
         B = images.shape[0]
         kv = prompts.kv_pair()
-        feats = self.forward_features(
-            images,
-            prompts.effective_visual(token_gate, segment_gate, batch=B),  # dropout drawn per image
-            kv[None].expand(B, -1, -1, -1, -1, -1),
-        )
+        # No prompts on a frozen backbone (a linear probe): nothing before the head needs a gradient, so
+        # the backbone runs without autograd (the empty prompt parameters would otherwise make every
+        # activation part of the graph and the backward pass cost as much as prompt tuning's).
+        frozen = prompts.visual.numel() == 0 and kv.numel() == 0 and not self._backbone_trainable()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats = self.forward_features(
+                images,
+                prompts.effective_visual(token_gate, segment_gate, batch=B),  # dropout drawn per image
+                kv[None].expand(B, -1, -1, -1, -1, -1),
+            )
         return prompts.head(feats)
+
+    def _backbone_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.vit.parameters())
 
     @property
     def dtype(self) -> torch.dtype:

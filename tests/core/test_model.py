@@ -413,6 +413,42 @@ def test_training_gives_gradients_to_prompts_and_head_only(backbone: Backbone) -
     assert seg_gate.grad is not None and seg_gate.grad.abs().sum() > 0
 
 
+def _graph_size(t: Tensor) -> int:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return len(seen)
+
+
+def test_linear_probe_leaves_the_frozen_backbone_out_of_autograd(backbone: Backbone) -> None:
+    """No prompts and a frozen backbone: only the head is in the graph (same logits, a far cheaper
+    backward); with prompts, or a trainable backbone (`full`), the backbone is in it."""
+    model = PromptedViT(backbone)
+    images = images_for(backbone, 4)
+    linear = TaskPrompts.from_prompt_set(make_set(backbone, "lin", P=0, T=0, C=3, seed=2))
+    logits = model.forward_task(images, linear)
+    assert _graph_size(logits) <= 4  # addmm, its weight transpose, two leaves
+    logits.sum().backward()
+    assert linear.head.weight.grad is not None and linear.head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        ref = linear.head(model.forward_features(images))
+    torch.testing.assert_close(logits.detach(), ref, rtol=0, atol=0)
+    prompted = TaskPrompts.from_prompt_set(make_set(backbone, "vpt", P=2, T=0, C=3, seed=2))
+    assert _graph_size(model.forward_task(images, prompted)) > 50
+    full = PromptedViT(backbone)
+    try:
+        for p in backbone.model.parameters():
+            p.requires_grad_(True)
+        assert _graph_size(full.forward_task(images, linear)) > 50
+    finally:
+        for p in backbone.model.parameters():
+            p.requires_grad_(False)
+
+
 def test_forward_task_equals_forward_multi_in_eval(model: PromptedViT, backbone: Backbone) -> None:
     ps = make_set(backbone, "same", P=3, T=2, C=4, share_kv=False, seed=8)
     prompts = TaskPrompts.from_prompt_set(ps).eval()
