@@ -114,9 +114,9 @@ def demo_tasks(args: argparse.Namespace, real: bool) -> list[str]:
     return tasks
 
 
-def train_tasks(tasks: list[str], ckpt: Path, cache: Path) -> dict[str, Path]:
+def train_tasks(tasks: list[str], ckpt: Path, cache: Path, real: bool) -> dict[str, Path]:
     """Train (or reuse) one pruned E2VPT prompt set per mini-VTAB task."""
-    from training.pipeline import quick_demo_task
+    from training.pipeline import REAL_DEMO_EPOCHS, quick_demo_task
 
     backbone = load_backbone(checkpoint=ckpt)
     files: dict[str, Path] = {}
@@ -134,7 +134,13 @@ def train_tasks(tasks: list[str], ckpt: Path, cache: Path) -> dict[str, Path]:
             )
             print(f"    mini-{task}: training ({left} task(s) to train, {guess}) ...", flush=True)
             t0 = time.perf_counter()
-            run = quick_demo_task(task, cache / "runs" / task, task_id=f"mini-{task}", backbone=backbone)
+            run = quick_demo_task(
+                task,
+                cache / "runs" / task,
+                task_id=f"mini-{task}",
+                backbone=backbone,
+                epochs=REAL_DEMO_EPOCHS if real else None,
+            )
             assert run.prompt_set is not None
             run.prompt_set.save(path)
             trained_seconds.append(time.perf_counter() - t0)
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Train {len(tasks)} mini-VTAB tasks with E2VPT, prune tokens and segments, rewind",
             "1-2 min per task on a 2-core CPU; cached afterwards",
         )
-        files = train_tasks(tasks, ckpt, args.cache)
+        files = train_tasks(tasks, ckpt, args.cache, real)
 
         step(4, "Registry API: register the prompt sets over HTTP", "~10 s")
         token = secrets.token_urlsafe(24)
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         show_metrics(ts, list(items))
 
         step(8, f"Register mini-{args.late_task} while serving; it answers without a restart", "~1 min")
-        late = train_tasks([args.late_task], ckpt, args.cache)[args.late_task]
+        late = train_tasks([args.late_task], ckpt, args.cache, real)[args.late_task]
         out = client.register(late.read_bytes(), f"mini-{args.late_task}")
         print(f"    PUT /tasks/mini-{args.late_task} -> version {out['version']}")
         labels[late_id] = PromptSet.load(late).labels

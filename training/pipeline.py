@@ -203,6 +203,10 @@ DEMO_CONFIG = TrainConfig(
 # The demo's pruning: 50% of the tokens, 25% of the segments, then rewinding (prompts and head back to
 # their initial values) for as many epochs as the first training, so the pruned set can catch up.
 DEMO_PRUNE = PruneConfig(token_ratio=0.5, segment_ratio=0.25, rewind_epochs=6)
+# On the offline pretrained DINOv2 ViT-S/14 at 56 px (`make demo`'s backbone) an epoch of 800 images costs
+# ~14 s on 2 cores (the upstream ViT's ~6 s), and the features are good from the start: 3 + 3 epochs
+# (docs/fidelity_notes.md).
+REAL_DEMO_EPOCHS = 3
 
 
 def quick_demo_task(
@@ -213,11 +217,14 @@ def quick_demo_task(
     backbone: Backbone | None = None,
     prune: bool = True,
     seed: int = 0,
+    epochs: int | None = None,
     register_url: str | None = None,
     register_token: str | None = None,
 ) -> TaskRun:
     """The demo's fast path: a mini-VTAB task trained with e2vpt (and pruned 50% tokens / 25% segments
-    with a short rewind) on the cached upstream ViT (`ensure_upstream`), about a minute on a CPU."""
+    with a short rewind) on `backbone` (default: the cached upstream ViT, `ensure_upstream`), about a
+    minute on a CPU. `epochs`: training and rewinding epochs (default DEMO_CONFIG's); the pretrained
+    ViT-S/14 costs more per image and converges sooner (REAL_DEMO_EPOCHS)."""
     from training.data import with_transforms
     from training.synthetic.minivtab import mini_vtab
     from training.synthetic.upstream import ensure_upstream, load_upstream
@@ -226,8 +233,8 @@ def quick_demo_task(
     if backbone is None:
         backbone = load_upstream(ensure_upstream())
     splits = with_transforms(mini_vtab(task, seed=seed, n_test=500), backbone.info)
-    cfg = replace(DEMO_CONFIG, seed=seed)
-    pcfg = DEMO_PRUNE if prune else None
+    cfg = replace(DEMO_CONFIG, seed=seed, epochs=epochs or DEMO_CONFIG.epochs)
+    pcfg = replace(DEMO_PRUNE, rewind_epochs=epochs or DEMO_PRUNE.rewind_epochs) if prune else None
     return run_task(
         backbone,
         splits,
