@@ -1,16 +1,17 @@
 """`e2vpt tasks ...` (a client of the registry HTTP API) and `e2vpt registry serve` (runs that API).
 
     e2vpt tasks register FILE...            upload prompt-set files (each under its own task id)
-    e2vpt tasks list [--json] [--limit N]   every task, page by page
-    e2vpt tasks show TASK [--version N]     one task's summary (JSON)
-    e2vpt tasks versions TASK               kept versions (JSON)
+    e2vpt tasks list [--json]               every task, one line each (fetched page by page)
+    e2vpt tasks show TASK [--version N]     one task's summary, one field a line
+    e2vpt tasks versions TASK               kept versions, one line each
     e2vpt tasks rollback TASK VERSION       make VERSION's content current again (as a new version)
     e2vpt tasks delete TASK                 delete a task and all its versions
     e2vpt tasks export DIR [TASK...]        backup: one prompt-set file per task (current version)
     e2vpt tasks import DIR                  restore: register every *.safetensors in DIR
 
 URL and token come from --url/--token/--token-file, else E2VPT_REGISTRY_URL and
-E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results to stdout.
+E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results to stdout: compact
+aligned tables by default, the registry's full JSON with `--json` (list, show, versions).
 Exit codes: 0 ok, 1 refused by the registry (4xx), 2 usage, 66 input file missing, 69 registry or
 Redis unavailable, 77 not authorised.
 """
@@ -82,34 +83,85 @@ def cmd_register(client: RegistryClient, args: argparse.Namespace) -> int:
     return _register_files(client, [Path(p) for p in args.files])
 
 
+# Columns of the compact tables: (heading, summary field); missing fields print as "-".
+LIST_COLUMNS = (
+    ("TASK", "task_id"), ("VERSION", "version"), ("METHOD", "method"), ("CLASSES", "num_classes"),
+    ("P", "num_prompts"), ("T", "num_kv"), ("PARAMS", "num_parameters"), ("DTYPE", "dtype"),
+    ("BYTES", "size"), ("REGISTERED", "registered_at"),
+)  # fmt: skip
+VERSION_COLUMNS = (
+    ("VERSION", "version"), ("CURRENT", "current"), ("ACTION", "action"), ("FROM", "rolled_back_from"),
+    ("CLASSES", "num_classes"), ("P", "num_prompts"), ("T", "num_kv"), ("PARAMS", "num_parameters"), ("BYTES", "size"),
+    ("SHA256", "sha256"), ("REGISTERED", "registered_at"),
+)  # fmt: skip
+SHOW_FIELDS = (
+    "task_id", "version", "action", "rolled_back_from", "method", "fingerprint", "num_classes", "num_prompts", "num_kv",
+    "share_kv", "num_parameters", "dtype", "size", "sha256", "registered_at",
+)  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a sha256: its prefix identifies it
+    if isinstance(value, str) and "T" in value and value[:4].isdigit():
+        return value[:19].replace("T", " ")  # an ISO time, to the second
+    return str(value) if not isinstance(value, (dict, list)) else json.dumps(value, sort_keys=True)
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    """Rows as a table with aligned columns (two spaces apart), headings first."""
+    cells = [[h for h, _ in columns]] + [[_cell(r.get(field)) for _, field in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One task version's summary, one field a line; scalar metrics (accuracies) included, nothing nested."""
+    fields = [(k, summary.get(k)) for k in SHOW_FIELDS if k in summary]
+    config = summary.get("config") or {}
+    if isinstance(config, dict):
+        fields += [(f"config.{k}", v) for k, v in sorted(config.items()) if not isinstance(v, (dict, list))]
+    metrics = summary.get("metrics") or {}
+    if isinstance(metrics, dict):
+        fields += [(f"metrics.{k}", v) for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+    width = max((len(k) for k, _ in fields), default=0)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in fields)
+
+
 def cmd_list(client: RegistryClient, args: argparse.Namespace) -> int:
     tasks = list(client.iter_tasks(args.page_size))
     if args.json:
         _print_json(tasks)
         return EXIT_OK
-    print("TASK\tVERSION\tCLASSES\tP\tT\tDTYPE\tBYTES\tREGISTERED")
-    for t in tasks:
-        row = [
-            t["task_id"],
-            t["version"],
-            t["num_classes"],
-            t["num_prompts"],
-            t["num_kv"],
-            t["dtype"],
-            t["size"],
-        ]
-        print("\t".join(map(str, [*row, t.get("registered_at", "")])))
+    if tasks:
+        print(format_table(tasks, LIST_COLUMNS))
     _err(f"{len(tasks)} task(s)")
     return EXIT_OK
 
 
 def cmd_show(client: RegistryClient, args: argparse.Namespace) -> int:
-    _print_json(client.show(args.task, args.version))
+    summary = client.show(args.task, args.version)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
     return EXIT_OK
 
 
 def cmd_versions(client: RegistryClient, args: argparse.Namespace) -> int:
-    _print_json(client.versions(args.task))
+    versions = client.versions(args.task)
+    if args.json:
+        _print_json(versions)
+    else:
+        print(format_table(versions, VERSION_COLUMNS))
     return EXIT_OK
 
 
@@ -205,13 +257,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("register", cmd_register, "register prompt-set files").add_argument(
         "files", nargs="+", metavar="FILE"
     )
+    json_help = "the registry's full JSON instead of a table"
     p = add("list", cmd_list, "list tasks")
-    p.add_argument("--json", action="store_true", help="print JSON summaries")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--page-size", type=int, default=100)
     p = add("show", cmd_show, "show a task's summary")
     p.add_argument("task")
     p.add_argument("--version", type=int)
-    add("versions", cmd_versions, "list a task's kept versions").add_argument("task")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p = add("versions", cmd_versions, "list a task's kept versions")
+    p.add_argument("task")
+    p.add_argument("--json", action="store_true", help=json_help)
     p = add("rollback", cmd_rollback, "make an earlier version current again (as a new version)")
     p.add_argument("task")
     p.add_argument("version", type=int)
