@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e2vpt.config import get_settings
+from e2vpt.config import Settings, get_settings
 from e2vpt.errors import E2VPTError, RegistryRequestError, RegistryUnreachable
 from e2vpt.registry.client import RegistryClient
 
@@ -45,6 +45,36 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, FileNotFoundError):
         return EXIT_NOINPUT
     return EXIT_REFUSED
+
+
+def backbone_problem(
+    settings: Settings,
+    *,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    accept_default: bool = False,
+    flags: str = "",
+) -> tuple[int, str] | None:
+    """Why a server command cannot name its backbone, as (exit code, one-line error), or None when it can.
+
+    Servers of one deployment (registry, TorchServe) must name the same backbone: a silently chosen default
+    (a randomly initialised timm model) matches no task registered elsewhere, so it needs `accept_default`.
+    `checkpoint` / `backbone`: command-line values, which win over the settings; `flags` names them."""
+    ckpt = checkpoint or (None if backbone else settings.backbone_checkpoint)
+    named = bool(backbone) or bool({"backbone", "backbone_pretrained"} & settings.model_fields_set)
+    if ckpt is None and not named and not accept_default:
+        return EXIT_USAGE, (
+            "error: no backbone configured: set E2VPT_BACKBONE_CHECKPOINT (a checkpoint file) or "
+            f"E2VPT_BACKBONE (a timm name){flags}; --default-backbone uses a randomly initialised "
+            f"{settings.backbone}, which matches no task registered against another backbone"
+        )
+    if ckpt is not None and not Path(ckpt).expanduser().is_file():
+        where = "--checkpoint" if checkpoint else "E2VPT_BACKBONE_CHECKPOINT"
+        return (
+            EXIT_NOINPUT,
+            f"error: backbone checkpoint not found: {ckpt} ({where}, relative to {Path.cwd()})",
+        )
+    return None
 
 
 def _err(message: str) -> None:
@@ -229,12 +259,24 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    problem = backbone_problem(settings, accept_default=args.default_backbone)
+    if problem is not None:
+        _err(problem[1])
+        return problem[0]
     import uvicorn
 
     from e2vpt.registry.api import create_app
 
-    settings = get_settings()
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except E2VPTError as exc:  # Redis unreachable, an unsupported backbone: one line, not a traceback
+        _err(f"error: the registry cannot start: {exc.message}")
+        return exit_code(exc)
+    except (OSError, ValueError) as exc:
+        _err(f"error: the registry cannot start: {exc}")
+        return EXIT_NOINPUT if isinstance(exc, FileNotFoundError) else EXIT_REFUSED
+    _err(f"registry: prompt sets of backbone {app.state.store.info.fingerprint}, Redis {settings.redis_url}")
     uvicorn.run(app, host=args.host or settings.registry_host, port=args.port or settings.registry_port,
                 log_level=args.log_level)  # fmt: skip
     return EXIT_OK
@@ -283,4 +325,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="bind address (default: E2VPT_REGISTRY_HOST)")
     serve.add_argument("--port", type=int, help="port (default: E2VPT_REGISTRY_PORT)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--default-backbone",
+        action="store_true",
+        help="accept the default backbone when none is configured (randomly initialised)",
+    )
     serve.set_defaults(func=_run_serve)

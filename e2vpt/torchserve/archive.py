@@ -35,7 +35,7 @@ import httpx
 
 from e2vpt.config import Settings, env_names, get_settings
 from e2vpt.dev.localredis import free_ports
-from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
+from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, backbone_problem
 from e2vpt.torchserve import BACKBONE_FILE, ENGINE_CONFIG
 
 log = logging.getLogger(__name__)
@@ -515,20 +515,17 @@ def _err(message: str) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     settings = get_settings()
+    problem = backbone_problem(
+        settings,
+        checkpoint=args.checkpoint,
+        backbone=args.backbone,
+        accept_default=args.default_backbone,
+        flags=", or pass --checkpoint / --backbone",
+    )
+    if problem is not None:
+        _err(problem[1])
+        return problem[0]
     checkpoint = args.checkpoint or (None if args.backbone else settings.backbone_checkpoint)
-    named = bool(args.backbone) or bool({"backbone", "backbone_pretrained"} & settings.model_fields_set)
-    if checkpoint is None and not named and not args.default_backbone:
-        _err(
-            "error: no backbone configured: set E2VPT_BACKBONE_CHECKPOINT (a checkpoint file, the one the "
-            "registry validates against) or E2VPT_BACKBONE (a timm name), or pass --checkpoint / --backbone; "
-            f"--default-backbone packs a randomly initialised {settings.backbone}, which serves no task "
-            "registered against another backbone"
-        )
-        return EXIT_USAGE
-    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
-        where = "--checkpoint" if args.checkpoint else "E2VPT_BACKBONE_CHECKPOINT"
-        _err(f"error: backbone checkpoint not found: {checkpoint} ({where}, relative to {Path.cwd()})")
-        return EXIT_NOINPUT
     try:
         built = build_archive(
             args.export_dir or settings.ts_mar_dir,

@@ -8,9 +8,17 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from e2vpt.cli import COMMAND_HOMES, COMMAND_MODULES
-from e2vpt.registry.cli import EXIT_UNAVAILABLE, LIST_COLUMNS, format_summary, format_table
+from e2vpt.registry.cli import (
+    EXIT_NOINPUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    LIST_COLUMNS,
+    format_summary,
+    format_table,
+)
 from tests.cli_helpers import ROOT
 from tests.helpers import free_port
 
@@ -69,3 +77,21 @@ def test_tables_are_aligned_and_compact() -> None:
     shown = dict(line.split(None, 1) for line in format_summary(summary).splitlines())
     assert shown["sha256"] == "ab" * 6 and shown["metrics.val_acc"] == "0.9123"
     assert shown["config.recipe"] == "vtab" and "config.kept" not in shown and "metrics.curve" not in shown
+
+
+def test_registry_serve_refuses_an_unnamed_or_missing_backbone(tmp_path: Path) -> None:
+    """One line and an exit code, before anything heavy is loaded: no silent random-init backbone
+    (2, usage) and no traceback for a wrong path (66)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("E2VPT_")}
+    env = {**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--port", str(free_port())]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == EXIT_USAGE and len(out.stderr.strip().splitlines()) == 1
+    assert "no backbone configured" in out.stderr and "--default-backbone" in out.stderr
+    env["E2VPT_BACKBONE_CHECKPOINT"] = "runs/upstream/missing.safetensors"
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == EXIT_NOINPUT
+    assert out.stderr.strip().splitlines() == [
+        "error: backbone checkpoint not found: runs/upstream/missing.safetensors "
+        f"(E2VPT_BACKBONE_CHECKPOINT, relative to {tmp_path})"
+    ]
