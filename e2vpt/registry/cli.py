@@ -14,6 +14,10 @@ E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results
 aligned tables by default, the registry's full JSON with `--json` (list, show, versions).
 Exit codes: 0 ok, 1 refused by the registry (4xx), 2 usage, 66 input file missing, 69 registry or
 Redis unavailable, 77 not authorised.
+
+`e2vpt registry serve` refuses to start without a configured backbone (E2VPT_BACKBONE_CHECKPOINT or
+E2VPT_BACKBONE; `--default-backbone` accepts the randomly initialised default) and names a missing
+checkpoint in one line (66), as `e2vpt serve build-mar` does (`backbone_problem`).
 """
 
 from __future__ import annotations
