@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     ts_inference_port: int = 8080
     ts_management_port: int = 8081
     ts_metrics_port: int = 8082
+    # The engine's metrics port under `serve start` when E2VPT_METRICS_PORT is not set (0: a free one; the
+    # URL is printed either way).
+    ts_engine_metrics_port: int = 9400
     ts_workers: int = 1
     ts_batch_size: int = 8
     ts_max_batch_delay_ms: int = 5

@@ -1,18 +1,23 @@
 """`e2vpt tasks ...` (a client of the registry HTTP API) and `e2vpt registry serve` (runs that API).
 
     e2vpt tasks register FILE...            upload prompt-set files (each under its own task id)
-    e2vpt tasks list [--json] [--limit N]   every task, page by page
-    e2vpt tasks show TASK [--version N]     one task's summary (JSON)
-    e2vpt tasks versions TASK               kept versions (JSON)
+    e2vpt tasks list [--json]               every task, one line each (fetched page by page)
+    e2vpt tasks show TASK [--version N]     one task's summary, one field a line
+    e2vpt tasks versions TASK               kept versions, one line each
     e2vpt tasks rollback TASK VERSION       make VERSION's content current again (as a new version)
     e2vpt tasks delete TASK                 delete a task and all its versions
     e2vpt tasks export DIR [TASK...]        backup: one prompt-set file per task (current version)
     e2vpt tasks import DIR                  restore: register every *.safetensors in DIR
 
 URL and token come from --url/--token/--token-file, else E2VPT_REGISTRY_URL and
-E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results to stdout.
+E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results to stdout: compact
+aligned tables by default, the registry's full JSON with `--json` (list, show, versions).
 Exit codes: 0 ok, 1 refused by the registry (4xx), 2 usage, 66 input file missing, 69 registry or
 Redis unavailable, 77 not authorised.
+
+`e2vpt registry serve` refuses to start without a configured backbone (E2VPT_BACKBONE_CHECKPOINT or
+E2VPT_BACKBONE; `--default-backbone` accepts the randomly initialised default) and names a missing
+checkpoint in one line (66), as `e2vpt serve build-mar` does (`backbone_problem`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e2vpt.config import get_settings
+from e2vpt.config import Settings, get_settings
 from e2vpt.errors import E2VPTError, RegistryRequestError, RegistryUnreachable
 from e2vpt.registry.client import RegistryClient
 
@@ -44,6 +49,36 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, FileNotFoundError):
         return EXIT_NOINPUT
     return EXIT_REFUSED
+
+
+def backbone_problem(
+    settings: Settings,
+    *,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    accept_default: bool = False,
+    flags: str = "",
+) -> tuple[int, str] | None:
+    """Why a server command cannot name its backbone, as (exit code, one-line error), or None when it can.
+
+    Servers of one deployment (registry, TorchServe) must name the same backbone: a silently chosen default
+    (a randomly initialised timm model) matches no task registered elsewhere, so it needs `accept_default`.
+    `checkpoint` / `backbone`: command-line values, which win over the settings; `flags` names them."""
+    ckpt = checkpoint or (None if backbone else settings.backbone_checkpoint)
+    named = bool(backbone) or bool({"backbone", "backbone_pretrained"} & settings.model_fields_set)
+    if ckpt is None and not named and not accept_default:
+        return EXIT_USAGE, (
+            "error: no backbone configured: set E2VPT_BACKBONE_CHECKPOINT (a checkpoint file) or "
+            f"E2VPT_BACKBONE (a timm name){flags}; --default-backbone uses a randomly initialised "
+            f"{settings.backbone}, which matches no task registered against another backbone"
+        )
+    if ckpt is not None and not Path(ckpt).expanduser().is_file():
+        where = "--checkpoint" if checkpoint else "E2VPT_BACKBONE_CHECKPOINT"
+        return (
+            EXIT_NOINPUT,
+            f"error: backbone checkpoint not found: {ckpt} ({where}, relative to {Path.cwd()})",
+        )
+    return None
 
 
 def _err(message: str) -> None:
@@ -82,34 +117,85 @@ def cmd_register(client: RegistryClient, args: argparse.Namespace) -> int:
     return _register_files(client, [Path(p) for p in args.files])
 
 
+# Columns of the compact tables: (heading, summary field); missing fields print as "-".
+LIST_COLUMNS = (
+    ("TASK", "task_id"), ("VERSION", "version"), ("METHOD", "method"), ("CLASSES", "num_classes"),
+    ("P", "num_prompts"), ("T", "num_kv"), ("PARAMS", "num_parameters"), ("DTYPE", "dtype"),
+    ("BYTES", "size"), ("REGISTERED", "registered_at"),
+)  # fmt: skip
+VERSION_COLUMNS = (
+    ("VERSION", "version"), ("CURRENT", "current"), ("ACTION", "action"), ("FROM", "rolled_back_from"),
+    ("CLASSES", "num_classes"), ("P", "num_prompts"), ("T", "num_kv"), ("PARAMS", "num_parameters"), ("BYTES", "size"),
+    ("SHA256", "sha256"), ("REGISTERED", "registered_at"),
+)  # fmt: skip
+SHOW_FIELDS = (
+    "task_id", "version", "action", "rolled_back_from", "method", "fingerprint", "num_classes", "num_prompts", "num_kv",
+    "share_kv", "num_parameters", "dtype", "size", "sha256", "registered_at",
+)  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a sha256: its prefix identifies it
+    if isinstance(value, str) and "T" in value and value[:4].isdigit():
+        return value[:19].replace("T", " ")  # an ISO time, to the second
+    return str(value) if not isinstance(value, (dict, list)) else json.dumps(value, sort_keys=True)
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    """Rows as a table with aligned columns (two spaces apart), headings first."""
+    cells = [[h for h, _ in columns]] + [[_cell(r.get(field)) for _, field in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One task version's summary, one field a line; scalar metrics (accuracies) included, nothing nested."""
+    fields = [(k, summary.get(k)) for k in SHOW_FIELDS if k in summary]
+    config = summary.get("config") or {}
+    if isinstance(config, dict):
+        fields += [(f"config.{k}", v) for k, v in sorted(config.items()) if not isinstance(v, (dict, list))]
+    metrics = summary.get("metrics") or {}
+    if isinstance(metrics, dict):
+        fields += [(f"metrics.{k}", v) for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+    width = max((len(k) for k, _ in fields), default=0)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in fields)
+
+
 def cmd_list(client: RegistryClient, args: argparse.Namespace) -> int:
     tasks = list(client.iter_tasks(args.page_size))
     if args.json:
         _print_json(tasks)
         return EXIT_OK
-    print("TASK\tVERSION\tCLASSES\tP\tT\tDTYPE\tBYTES\tREGISTERED")
-    for t in tasks:
-        row = [
-            t["task_id"],
-            t["version"],
-            t["num_classes"],
-            t["num_prompts"],
-            t["num_kv"],
-            t["dtype"],
-            t["size"],
-        ]
-        print("\t".join(map(str, [*row, t.get("registered_at", "")])))
+    if tasks:
+        print(format_table(tasks, LIST_COLUMNS))
     _err(f"{len(tasks)} task(s)")
     return EXIT_OK
 
 
 def cmd_show(client: RegistryClient, args: argparse.Namespace) -> int:
-    _print_json(client.show(args.task, args.version))
+    summary = client.show(args.task, args.version)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
     return EXIT_OK
 
 
 def cmd_versions(client: RegistryClient, args: argparse.Namespace) -> int:
-    _print_json(client.versions(args.task))
+    versions = client.versions(args.task)
+    if args.json:
+        _print_json(versions)
+    else:
+        print(format_table(versions, VERSION_COLUMNS))
     return EXIT_OK
 
 
@@ -177,12 +263,24 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    problem = backbone_problem(settings, accept_default=args.default_backbone)
+    if problem is not None:
+        _err(problem[1])
+        return problem[0]
     import uvicorn
 
     from e2vpt.registry.api import create_app
 
-    settings = get_settings()
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except E2VPTError as exc:  # Redis unreachable, an unsupported backbone: one line, not a traceback
+        _err(f"error: the registry cannot start: {exc.message}")
+        return exit_code(exc)
+    except (OSError, ValueError) as exc:
+        _err(f"error: the registry cannot start: {exc}")
+        return EXIT_NOINPUT if isinstance(exc, FileNotFoundError) else EXIT_REFUSED
+    _err(f"registry: prompt sets of backbone {app.state.store.info.fingerprint}, Redis {settings.redis_url}")
     uvicorn.run(app, host=args.host or settings.registry_host, port=args.port or settings.registry_port,
                 log_level=args.log_level)  # fmt: skip
     return EXIT_OK
@@ -205,13 +303,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("register", cmd_register, "register prompt-set files").add_argument(
         "files", nargs="+", metavar="FILE"
     )
+    json_help = "the registry's full JSON instead of a table"
     p = add("list", cmd_list, "list tasks")
-    p.add_argument("--json", action="store_true", help="print JSON summaries")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--page-size", type=int, default=100)
     p = add("show", cmd_show, "show a task's summary")
     p.add_argument("task")
     p.add_argument("--version", type=int)
-    add("versions", cmd_versions, "list a task's kept versions").add_argument("task")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p = add("versions", cmd_versions, "list a task's kept versions")
+    p.add_argument("task")
+    p.add_argument("--json", action="store_true", help=json_help)
     p = add("rollback", cmd_rollback, "make an earlier version current again (as a new version)")
     p.add_argument("task")
     p.add_argument("version", type=int)
@@ -227,4 +329,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="bind address (default: E2VPT_REGISTRY_HOST)")
     serve.add_argument("--port", type=int, help="port (default: E2VPT_REGISTRY_PORT)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--default-backbone",
+        action="store_true",
+        help="accept the default backbone when none is configured (randomly initialised)",
+    )
     serve.set_defaults(func=_run_serve)

@@ -18,16 +18,24 @@ from typing import Any, Protocol
 import torch
 
 from e2vpt.config import Settings, settings_with_defaults
-from e2vpt.errors import E2VPTError
+from e2vpt.errors import BadRequest, E2VPTError
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import MetricsEndpoint
 from e2vpt.serving.requests import parse_items
+from e2vpt.torchserve import BACKBONE_FILE, ENGINE_CONFIG
 
 log = logging.getLogger(__name__)
 
 WORKER_HEADER = "X-E2VPT-Worker"  # response header: the worker process that answered (debugging, tests)
-ENGINE_CONFIG = "engine.json"  # settings packed into the .mar (environment variables still override)
-BACKBONE_FILE = "backbone.safetensors"
+FORM_TYPE = "application/x-www-form-urlencoded"
+# TorchServe decodes a form-encoded body into form fields before the handler sees it (lossy: the image is
+# gone). It is what curl sends with --data-binary and no Content-Type, so say exactly what to send.
+FORM_BODY_ERROR = (
+    "the body arrived as a form (Content-Type: application/x-www-form-urlencoded, curl's default for "
+    "--data-binary), which TorchServe decodes before the handler sees it: send the image bytes with "
+    "'Content-Type: application/octet-stream' (curl -H 'Content-Type: application/octet-stream' "
+    '--data-binary @img.jpg), as JSON {"task_id", "image": base64}, or as multipart (curl -F image=@img.jpg)'
+)
 
 
 class TSContext(Protocol):
@@ -47,7 +55,14 @@ def parse_batch(data: list[Mapping[str, Any]] | None, context: TSContext) -> lis
         except Exception:  # a context without request headers (tests, some TorchServe paths)
             return {}
 
-    return parse_items((request, headers(idx)) for idx, request in enumerate(data or []))
+    items = parse_items((request, headers(idx)) for idx, request in enumerate(data or []))
+    for idx, item in enumerate(items):
+        content_type = {str(k).lower(): v for k, v in headers(idx).items()}.get("content-type", "")
+        if isinstance(content_type, (bytes, bytearray)):
+            content_type = content_type.decode("latin-1")
+        if str(content_type).lower().startswith(FORM_TYPE) and isinstance(item, E2VPTError):
+            items[idx] = BadRequest(FORM_BODY_ERROR)
+    return items
 
 
 def handle_batch(
@@ -78,13 +93,15 @@ def handle_batch(
 
 def engine_from_model_dir(model_dir: str | Path, gpu_id: int | None = None) -> MultiTaskEngine:
     """The engine of a TorchServe worker: settings from the .mar's engine.json (env overrides), the backbone
-    checkpoint from the .mar, the device from TorchServe's gpu assignment when the settings ask for cuda."""
+    packed in the .mar (always: E2VPT_BACKBONE[_CHECKPOINT] name the registry's backbone, and a relative
+    path would not even resolve here, in TorchServe's working directory; to serve another backbone, build
+    the .mar with it), the device from TorchServe's gpu assignment when the settings ask for cuda."""
     model_dir = Path(model_dir)
     cfg_path = model_dir / ENGINE_CONFIG
     defaults = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     settings = settings_with_defaults(defaults)
     updates: dict[str, Any] = {}
-    if (model_dir / BACKBONE_FILE).is_file() and not os.environ.get("E2VPT_BACKBONE_CHECKPOINT"):
+    if (model_dir / BACKBONE_FILE).is_file():
         updates["backbone_checkpoint"] = str(model_dir / BACKBONE_FILE)
     if settings.device.startswith("cuda") and gpu_id is not None and torch.cuda.is_available():
         updates["device"] = f"cuda:{gpu_id}"

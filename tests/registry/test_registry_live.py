@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -134,14 +135,22 @@ def test_cli_end_to_end(live: LiveRegistry, tmp_path: Path, capsys: pytest.Captu
     assert "cli-a\tversion 1" in out and "cli-b\tversion 1" in out and "cli-a\tversion 2" in out
     assert cli("list", live=live) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("TASK") and [line.split("\t")[:2] for line in out[1:]] == [
-        ["cli-a", "2"],
-        ["cli-b", "1"],
-    ]
+    assert out[0].split()[:3] == ["TASK", "VERSION", "METHOD"]
+    assert [line.split()[:2] for line in out[1:]] == [["cli-a", "2"], ["cli-b", "1"]]
+    assert cli("list", "--json", live=live) == 0
+    assert [t["task_id"] for t in json.loads(capsys.readouterr().out)] == ["cli-a", "cli-b"]
+    # compact by default: one field a line, scalar metrics included; --json: the registry's full summary
     assert cli("show", "cli-a", "--version", "1", live=live) == 0
+    shown = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert shown["task_id"] == "cli-a" and shown["version"] == "1" and shown["metrics.marker"] == "1"
+    assert cli("show", "cli-a", "--version", "1", "--json", live=live) == 0
     assert '"marker": 1.0' in capsys.readouterr().out
     assert cli("versions", "cli-a", live=live) == 0
-    assert '"version": 2' in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[0].split()[:3] == ["VERSION", "CURRENT", "ACTION"]
+    assert [line.split()[:3] for line in out[1:]] == [["1", "no", "register"], ["2", "yes", "register"]]
+    assert cli("versions", "cli-a", "--json", live=live) == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)] == [1, 2]
     assert cli("rollback", "cli-a", "1", live=live) == 0
     assert "cli-a\tversion 3" in capsys.readouterr().out
     assert marker_of(live.store.get("cli-a")[0]) == 1.0

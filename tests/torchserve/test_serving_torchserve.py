@@ -123,6 +123,17 @@ def test_requests_without_token_are_refused(served: Served) -> None:
     assert httpx.get(f"{served.ts.inference_url}/ping", headers=served.ts.auth()).status_code == 200
 
 
+def test_a_form_encoded_body_is_told_which_content_type_to_send(served: Served) -> None:
+    """curl --data-binary without -H sends a form; TorchServe decodes it before the handler (issue 14).
+    A body the form decoder accepts reaches the handler, which names the header to send."""
+    headers = {**served.ts.auth(), "X-Task-Id": "t1", "Content-Type": "application/x-www-form-urlencoded"}
+    r = httpx.post(served.ts.predictions_url, content=b"not-an-image", headers=headers, timeout=60)
+    assert r.status_code == 400 and "Content-Type: application/octet-stream" in r.json()["detail"], r.text
+    # binary bytes fail in TorchServe's own form decoder (what the README says to expect)
+    r = httpx.post(served.ts.predictions_url, content=image_bytes(3), headers=headers, timeout=60)
+    assert r.status_code in (400, 500) and ("ErrorDataDecoderException" in r.text or "octet-stream" in r.text)
+
+
 def test_concurrent_mixed_requests_match_offline_model(served: Served) -> None:
     kinds = ["raw", "json", "multipart"]
     reqs = [(kinds[i % 3], f"t{1 + i % 3}", image_bytes(100 + i, (40 + i, 32 + i % 5))) for i in range(24)]
@@ -313,3 +324,29 @@ def test_helper_isolation(served: Served, tmp_path: Path) -> None:
     wd = served.ts.workdir
     assert (wd / "key_file.json").is_file() and (wd / "tmp").is_dir() and (wd / "logs").is_dir()
     assert served.ts.ready_workers() == WORKERS
+
+
+def test_serve_token_prints_and_refreshes_the_inference_key(served: Served) -> None:
+    """`serve token` reads the running instance's key file; `--refresh` gets a new key from TorchServe
+    (the old one stops working). Last in the file: the key changes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli_helpers import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "e2vpt.cli", "serve", "token", "--workdir", str(served.ts.workdir)]
+    old = served.ts.keys()["inference"]
+    out = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == old and "expires at" in out.stderr
+    out = subprocess.run([*base, "--refresh"], capture_output=True, text=True, env=env, timeout=120)
+    new = out.stdout.strip()
+    assert out.returncode == 0 and new and new != old, out.stderr
+    img, task = image_bytes(1), {"X-Task-Id": "t1", "Content-Type": "application/octet-stream"}
+    for key, ok in ((old, False), (new, True)):
+        r = httpx.post(
+            served.ts.predictions_url, content=img, headers={**task, "Authorization": f"Bearer {key}"}
+        )
+        assert (r.status_code == 200) is ok, r.text
+    served.ts._keys = {}  # re-read from the key file by anything after this
