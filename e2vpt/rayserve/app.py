@@ -49,6 +49,9 @@ REPLICA_HEADER = "X-E2VPT-Replica"  # response header: the engine replica that a
 BATCH_TASKS_HEADER = "X-E2VPT-Batch-Tasks"  # response header: distinct tasks in the batch that answered
 # A replica or its node gone under a request: worth sending the item to another replica.
 RETRIABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# Settings that only shape the deployment (replica count, autoscaling): kept out of the replicas' init
+# arguments, so that changing them adds or removes replicas without restarting the others.
+DEPLOYMENT_ONLY = frozenset({"ray_min_replicas", "ray_max_replicas", "ray_target_ongoing_requests"})
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class EngineReplica:
         cache = self.engine.cache
         return {
             "replica": self.replica_id,
+            "node": ray.get_runtime_context().get_node_id(),
             "resident_tasks": cache.resident_tasks,
             "resident": cache.resident(),
             "hits": cache.stats.hits,
@@ -256,7 +260,7 @@ def engine_options(settings: Settings) -> dict[str, Any]:
 
 def build_app(settings: Settings) -> serve.Application:
     """The application: ingress -> engine replicas, configured by `settings`."""
-    dumped = settings.model_dump()
+    dumped = settings.model_dump(exclude=set(DEPLOYMENT_ONLY))
     engine = serve.deployment(EngineReplica).options(**engine_options(settings)).bind(dumped)
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
