@@ -19,7 +19,9 @@ e2vpt.rayserve.app:app_builder` / a Serve config file (KubeRay: deploy/kuberay/r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -258,10 +260,27 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
+def code_fingerprint() -> str:
+    """A hash of the e2vpt package's source: the replicas' code version (with their settings)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def build_app(settings: Settings) -> serve.Application:
     """The application: ingress -> engine replicas, configured by `settings`."""
     dumped = settings.model_dump(exclude=set(DEPLOYMENT_ONLY))
-    engine = serve.deployment(EngineReplica).options(**engine_options(settings)).bind(dumped)
+    # Serve's Python API gives every `serve.run` a random code version, which restarts every replica; the
+    # version here is what the replicas are built from, so a new replica count only adds or removes some.
+    # (`version` is internal in Serve's options; Serve config files derive it from the import path.)
+    version = hashlib.sha256(code_fingerprint().encode())
+    version.update(json.dumps(dumped, sort_keys=True, default=str).encode())
+    engine = serve.deployment(EngineReplica).options(
+        **engine_options(settings), version=version.hexdigest()[:16], _internal=True
+    )
+    engine = engine.bind(dumped)
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
     )
