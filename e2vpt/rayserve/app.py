@@ -206,12 +206,12 @@ class Ingress:
             for name, value in form.multi_items():
                 fields[name] = await value.read() if isinstance(value, UploadFile) else value
             return fields
-        body = b""
+        body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise RequestTooLarge(f"request body over {limit} bytes")
-        return {"body": body}
+        return {"body": bytes(body)}
 
     async def predict(self, item: RequestItem) -> Answer:
         for attempt in range(self.settings.ray_retries + 1):
