@@ -34,11 +34,12 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Gauge
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from e2vpt.config import Settings, settings_with_defaults
-from e2vpt.errors import E2VPTError, RequestTooLarge, Unauthorized
+from e2vpt.errors import BadRequest, E2VPTError, RequestTooLarge, Unauthorized
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.requests import parse_items
 
@@ -195,23 +196,31 @@ class Ingress:
         return self.respond(await self.predict(item))
 
     async def read(self, request: Request) -> dict[str, Any]:
-        """The request's input fields by name, as `e2vpt.serving.requests` reads them."""
+        """The request's input fields by name, as `e2vpt.serving.requests` reads them: {"body": bytes}, or
+        one field per multipart part. The body is read up to `ray_max_request_size` (413 beyond)."""
         limit = self.settings.ray_max_request_size
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestTooLarge(f"request body over {limit} bytes")
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            form = await request.form()
-            fields: dict[str, Any] = {}
-            for name, value in form.multi_items():
-                fields[name] = await value.read() if isinstance(value, UploadFile) else value
-            return fields
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise RequestTooLarge(f"request body over {limit} bytes")
-        return {"body": bytes(body)}
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return {"body": bytes(body)}
+
+        async def replay() -> dict[str, Any]:  # the body already read, for starlette's form parser
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form()
+            fields: dict[str, Any] = {}
+            for name, value in form.multi_items():
+                fields[name] = await value.read() if isinstance(value, UploadFile) else value
+        except MultiPartException as exc:
+            raise BadRequest(f"unreadable multipart body: {exc.message}") from exc
+        return fields
 
     async def predict(self, item: RequestItem) -> Answer:
         for attempt in range(self.settings.ray_retries + 1):
