@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     ray_min_replicas: int = 1
     ray_max_replicas: int = 1
     ray_target_ongoing_requests: float = 32.0
+    # Autoscaling: load averaged over this many seconds; a scale-up (down) once it has lasted this long.
+    ray_autoscale_look_back_s: float = 30.0
+    ray_upscale_delay_s: float = 30.0
+    ray_downscale_delay_s: float = 600.0
     ray_replica_cpus: float = 1.0  # CPUs per engine replica (its share of a CPU node)
     ray_max_ongoing_requests: int = 128  # per replica; Ray queues the rest at the caller
     ray_max_batch_size: int = 32  # items per mixed-task engine batch

@@ -54,7 +54,16 @@ BATCH_TASKS_HEADER = "X-E2VPT-Batch-Tasks"  # response header: distinct tasks in
 RETRIABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # Settings that only shape the deployment (replica count, autoscaling): kept out of the replicas' init
 # arguments, so that changing them adds or removes replicas without restarting the others.
-DEPLOYMENT_ONLY = frozenset({"ray_min_replicas", "ray_max_replicas", "ray_target_ongoing_requests"})
+DEPLOYMENT_ONLY = frozenset(
+    {
+        "ray_min_replicas",
+        "ray_max_replicas",
+        "ray_target_ongoing_requests",
+        "ray_autoscale_look_back_s",
+        "ray_upscale_delay_s",
+        "ray_downscale_delay_s",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,9 @@ def engine_options(settings: Settings) -> dict[str, Any]:
             "min_replicas": settings.ray_min_replicas,
             "max_replicas": settings.ray_max_replicas,
             "target_ongoing_requests": settings.ray_target_ongoing_requests,
+            "look_back_period_s": settings.ray_autoscale_look_back_s,
+            "upscale_delay_s": settings.ray_upscale_delay_s,
+            "downscale_delay_s": settings.ray_downscale_delay_s,
         }
     else:
         opts["num_replicas"] = settings.ray_min_replicas

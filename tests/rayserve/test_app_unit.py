@@ -62,6 +62,9 @@ def test_autoscaled_gpu_replicas_and_the_default_router_when_affinity_is_off() -
         "min_replicas": 1,
         "max_replicas": 6,
         "target_ongoing_requests": settings.ray_target_ongoing_requests,
+        "look_back_period_s": settings.ray_autoscale_look_back_s,
+        "upscale_delay_s": settings.ray_upscale_delay_s,
+        "downscale_delay_s": settings.ray_downscale_delay_s,
     }
     assert opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["request_router_config"].request_router_class != ROUTER_CLASS

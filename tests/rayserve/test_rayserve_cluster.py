@@ -2,12 +2,14 @@
 engine replicas with the task-affinity router), a real Redis and the tiny backbone.
 
 The cluster and the application start once for the module; the tests run in file order and build on each
-other's state: two replicas first, a third joins, then the node of one is removed under load."""
+other's state: two replicas first, load makes the autoscaler add a third, then the node of one is removed
+under load."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import threading
 import uuid
 from collections import Counter, defaultdict
@@ -83,6 +85,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     sets = {t: make_set(t, backbone, classes=3 + i % 4, seed=i) for i, t in enumerate(TASKS)}
     for ps in sets.values():
         store.register(ps)
+    # handles report their load to the autoscaler every 0.5 s (Ray's default, 10 s, is for production)
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
@@ -97,6 +101,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        os.environ.pop("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", None)
         store.drop_all()
         store.close()
 
@@ -241,20 +246,34 @@ def test_an_update_in_redis_reaches_every_replica(served: Served) -> None:
     assert len({r.headers[REPLICA_HEADER] for r in rs}) == 2
 
 
-def test_a_third_replica_takes_about_a_third_of_the_tasks(served: Served) -> None:
+def test_load_adds_a_third_replica_which_takes_about_a_third_of_the_tasks(served: Served) -> None:
     before_ids = set(replica_stats())
     before = assignment(TASKS, before_ids)
-    grown = served.settings.model_copy(update={"ray_min_replicas": 3, "ray_max_replicas": 3})
-    serve.run(build_app(grown), name=APP, route_prefix="/")
-    assert wait_for(lambda: len(replica_stats()) == 3, 60)
+    autoscaled = served.settings.model_copy(
+        update={
+            "ray_min_replicas": 2,
+            "ray_max_replicas": 3,
+            "ray_target_ongoing_requests": 2,
+            "ray_autoscale_look_back_s": 2,
+            "ray_upscale_delay_s": 0,
+        }
+    )
+    serve.run(build_app(autoscaled), name=APP, route_prefix="/")
+    assert set(replica_stats()) == before_ids  # autoscaling switched on in place: nothing restarted
+    # load: far more requests in flight than 2 per replica, until the autoscaler adds the third
+    assert wait_for(lambda: burst(served, [("raw", t, image_bytes(1)) for t in TASKS * 2]) is not None
+                    and len(replica_stats()) == 3, 90)  # fmt: skip
     after_ids = set(replica_stats())
     assert before_ids < after_ids  # the two replicas kept running: scaling restarts nothing
     (new,) = after_ids - before_ids
-    # the router hears of the new replica through Ray's long poll: wait until it routes there
-    assert wait_for(lambda: new in {r for rs in owners_seen(served, TASKS, 1).values() for r in rs}, 30)
-    seen = owners_seen(served, TASKS)
     after = assignment(TASKS, after_ids)
-    assert {t: next(iter(r)) for t, r in seen.items()} == after
+
+    def pinned() -> bool:
+        seen = owners_seen(served, TASKS)
+        return {t: next(iter(r)) if len(r) == 1 else None for t, r in seen.items()} == after
+
+    # light load again; the router knows the newcomer and fresh queue lengths: every task on its owner
+    assert wait_for(pinned, 30)
     moved = [t for t in TASKS if before[t] != after[t]]
     assert all(after[t] == new for t in moved)
     assert 0.15 <= len(moved) / len(TASKS) <= 0.55, len(moved)
