@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 from e2vpt.config import get_settings
@@ -14,7 +15,8 @@ def main() -> None:
     parser.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    run(get_settings(), address=args.address)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: Ray shuts a local cluster down on exit
+        run(get_settings(), address=args.address)
 
 
 if __name__ == "__main__":

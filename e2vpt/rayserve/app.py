@@ -145,32 +145,33 @@ class EngineReplica:
             results = [E2VPTError(f"inference failed: {type(exc).__name__}")] * len(items)
         self.batches += 1
         tasks = len({item.task_id for item in items})
-        self.publish()
+        self.publish(self.counts())
         return [Answer.of(res, self.replica_id, tasks) for res in results]
 
-    def stats(self) -> dict[str, Any]:
+    def counts(self) -> dict[str, Any]:
         cache = self.engine.cache
         return {
             "replica": self.replica_id,
-            "node": ray.get_runtime_context().get_node_id(),
             "resident_tasks": cache.resident_tasks,
-            "resident": cache.resident(),
             "hits": cache.stats.hits,
             "cold_loads": cache.stats.cold_loads,
             "queue_len": self.ongoing,
             "batches": self.batches,
         }
 
-    def publish(self) -> dict[str, Any]:
-        stats = self.stats()
+    def publish(self, counts: dict[str, Any]) -> None:
+        """The counts to Prometheus (Ray's metrics endpoint)."""
         for name, key in (("resident_tasks", "resident_tasks"), ("cache_hits", "hits"),
                           ("cold_loads", "cold_loads"), ("queue_len", "queue_len")):  # fmt: skip
-            self.gauges[name].set(stats[key])
-        return stats
+            self.gauges[name].set(counts[key])
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What the router sees of this replica (Ray calls it every `ray_routing_stats_period_s`)."""
-        return self.publish()
+        """What the router sees of this replica (Ray calls it every `ray_routing_stats_period_s`): the
+        counts, the node, and which task versions it holds."""
+        counts = self.counts()
+        self.publish(counts)
+        node = ray.get_runtime_context().get_node_id()
+        return {**counts, "node": node, "resident": self.engine.cache.resident()}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
