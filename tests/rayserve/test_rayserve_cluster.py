@@ -87,7 +87,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         store.register(ps)
     # handles report their load to the autoscaler every 0.5 s (Ray's default, 10 s, is for production)
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # a lost node is noticed within about 2 s (GCS health checks; Ray's defaults take ~15 s)
+    fast_failover = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": fast_failover},
+    )
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     try:
