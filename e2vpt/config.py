@@ -153,6 +153,37 @@ class Settings(BaseSettings):
     ts_workdir: str = "runs/torchserve"  # `serve start`: logs, key_file.json, TMPDIR, metrics files
     ts_mar_dir: str = "model_store/build"
 
+    # --- Ray Serve (e2vpt.rayserve, many machines) ---------------------------------------------------
+    # Bearer token inference requests to the Ray Serve ingress must carry (prefer inference_token_file);
+    # None: no auth. A wrong or missing token is answered 401.
+    inference_token: str | None = None
+    inference_token_file: str | None = None  # a file holding the token (K8s secret); wins over the env
+    ray_app_name: str = "e2vpt"
+    ray_http_host: str = "127.0.0.1"
+    ray_http_port: int = 8090
+    # Engine replicas: ray_min_replicas..ray_max_replicas, autoscaled on ongoing requests per replica when
+    # they differ (ray_target_ongoing_requests); on a CUDA device each replica takes one GPU.
+    ray_min_replicas: int = 1
+    ray_max_replicas: int = 1
+    ray_target_ongoing_requests: float = 32.0
+    # Autoscaling: load averaged over this many seconds; a scale-up (down) once it has lasted this long.
+    ray_autoscale_look_back_s: float = 30.0
+    ray_upscale_delay_s: float = 30.0
+    ray_downscale_delay_s: float = 600.0
+    ray_replica_cpus: float = 1.0  # CPUs per engine replica (its share of a CPU node)
+    ray_max_ongoing_requests: int = 128  # per replica; Ray queues the rest at the caller
+    ray_max_batch_size: int = 32  # items per mixed-task engine batch
+    ray_batch_wait_ms: int = 5  # how long a replica waits to fill a batch
+    # Task affinity: each task goes to its owner replica (rendezvous hashing) unless the owner's queue holds
+    # this many requests, then to its backup, then to the least loaded. ray_affinity false: Ray's default
+    # (power of two choices).
+    ray_affinity: bool = True
+    ray_overload_queue: int = 48
+    ray_routing_stats_period_s: float = 1.0  # how often replicas report their stats to the router
+    # An item whose replica dies under it (node lost) is sent again to another replica this many times.
+    ray_retries: int = 2
+    ray_max_request_size: int = 24 * 1024 * 1024  # bytes of one request body (base64 JSON of a max image)
+
     # --- training (training/, `e2vpt train`) ----------------------------------------------------
     # Where the offline upstream ViT of the fidelity study is cached (created once by
     # `training.synthetic.upstream.ensure_upstream`, then reused).

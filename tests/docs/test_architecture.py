@@ -1,5 +1,5 @@
 """Imports run one way (docs/architecture.md): config and errors at the bottom, then core, then registry
-and onnx, then serving, then torchserve; nothing in e2vpt imports training; no code imports tests/.
+and onnx, then serving, then torchserve and rayserve (side by side); nothing in e2vpt imports training; no code imports tests/.
 Every import counts, lazy ones inside functions too, so a circle cannot hide behind a local import."""
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ ALLOWED: dict[str, set[str]] = {
         "e2vpt.registry",
         "e2vpt.serving",
         "e2vpt.onnx",
+        "e2vpt.dev",
+    },
+    # the Ray Serve front end: beside torchserve, on top of serving; nothing imports it but the CLI, lazily
+    "e2vpt.rayserve": {
+        "e2vpt.config",
+        "e2vpt.errors",
+        "e2vpt.core",
+        "e2vpt.registry",
+        "e2vpt.serving",
         "e2vpt.dev",
     },
 }
@@ -100,6 +109,23 @@ def test_every_part_is_known_and_documented() -> None:
     doc = (ROOT / "docs" / "architecture.md").read_text()
     for name in parts:
         assert f"`{name}`" in doc, f"docs/architecture.md does not describe {name}"
+
+
+def test_nothing_imports_the_ray_front_end() -> None:
+    """`ray` is an optional extra: only the CLI may reach e2vpt.rayserve, and only inside a function."""
+    users = {a for a, b in project_edges("e2vpt") if b == "e2vpt.rayserve" and part(a) != "e2vpt.rayserve"}
+    assert users <= {"e2vpt.cli"}, users
+    for path in (ROOT / "e2vpt").rglob("*.py"):
+        if part(module_name(path)) in {"e2vpt.rayserve"}:
+            continue
+        top_level = ast.parse(path.read_text()).body
+        for node in top_level:
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
+            assert not any(n == "ray" or n.startswith(("ray.", "e2vpt.rayserve")) for n in names), path
 
 
 def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
