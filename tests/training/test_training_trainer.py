@@ -12,11 +12,13 @@ import torch
 
 from training.data import ArrayDataset, DataSplits, with_transforms
 from training.trainer import (
+    PRESETS,
     TrainConfig,
     grid_search,
     initial_prompt_set,
     lr_at,
     param_groups,
+    preset_config,
     train,
     tuned_param_count,
 )
@@ -140,3 +142,17 @@ def test_adamw_option_trains_and_is_recorded(backbone, splits) -> None:
     assert TrainConfig().optimizer == "sgd"  # the official recipe stays the default
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="adam")
+
+
+def test_presets_paper_is_the_official_default_and_overrides_win() -> None:
+    """`paper` is TrainConfig's defaults (the official recipe); `quick` is the AdamW recipe; explicit
+    options override a preset field by field; an unknown name is refused."""
+    assert preset_config("paper") == TrainConfig()
+    quick = preset_config("quick")
+    assert quick.optimizer == "adamw" and quick.base_lr == 0.25 and quick.batch_size == 32
+    assert quick.warmup_epochs == 1 and 6 <= quick.epochs <= 10 and quick != TrainConfig()
+    mixed = preset_config("quick", base_lr=0.1, epochs=2)
+    assert (mixed.base_lr, mixed.epochs, mixed.optimizer) == (0.1, 2, "adamw")
+    assert set(PRESETS) == {"paper", "quick"}
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("fast")
