@@ -110,7 +110,7 @@ class PruneResult:
                 "before_pruning": self.before["val_acc"],
                 "pruned_masked": last.get("pruned_val_acc"),
                 "after_rewinding": last.get("rewound_val_acc"),
-                "saved": self.retrain.val_acc,
+                "saved_set": self.retrain.val_acc,
             },
             "tolerance": self.tolerance,
             "attempts": [{k: v for k, v in a.items() if k != "history"} for a in self.attempts],

@@ -46,7 +46,7 @@ SELECTIONS = ("best", "last")
 # The official grid (method.md section 7).
 OFFICIAL_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 OFFICIAL_WDS = (0.01, 1e-3, 1e-4, 0.0)
-# Divergence: an epoch's mean train loss above this many times max(first epoch's, log(classes)).
+# Divergence: an epoch's mean train loss above this many times max(the loss at the start, log(classes)).
 DIVERGENCE_FACTOR = 3.0
 
 # Named training recipes: TrainConfig overrides, the one home of each (the CLI's `--preset`, the demo
@@ -317,6 +317,7 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     spent: float = 0.0  # seconds of earlier calls (a resumed run)
+    start_loss: float | None = None  # the loss of the first batch, before any update (divergence check)
 
 
 def train(
@@ -357,7 +358,7 @@ def train(
     with logging_redirect_tqdm() if bar is not None else contextlib.nullcontext():
         for epoch in range(run.start_epoch, end):
             fit = _train_epoch(run, data, config, epoch, steps_per_epoch, backbone.device, desc)
-            _check_divergence(run.history, fit, config, num_classes, desc)
+            _check_divergence(run.start_loss, fit, config, num_classes, desc)
             val_acc, val_loss = evaluate(run.model, run.prompts, splits.val)
             row = {
                 "epoch": fit["epoch"],
@@ -435,6 +436,7 @@ def _resume(run: _Run, ckpt: Path) -> None:
     run.optimizer.load_state_dict(saved["optimizer"])
     run.history, run.best, run.start_epoch = saved["history"], saved["best"], saved["epoch"] + 1
     run.init_state, run.spent = saved["init_state"], saved["seconds"]
+    run.start_loss = saved.get("start_loss")
     torch.set_rng_state(saved["torch_rng"])
     random.setstate((saved["py_rng"][0], tuple(saved["py_rng"][1]), saved["py_rng"][2]))
 
@@ -471,9 +473,11 @@ def _train_epoch(
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"{desc}: the loss became {float(loss)} at epoch {epoch + 1} step {i + 1} "
+                f"{desc}: the loss became {loss.item()} at epoch {epoch + 1} step {i + 1} "
                 f"(lr {lr:.3g}); {_divergence_hint(config)}"
             )
+        if run.start_loss is None:
+            run.start_loss = loss.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -492,25 +496,27 @@ def _divergence_hint(config: TrainConfig) -> str:
 
 
 def _check_divergence(
-    history: list[dict[str, float]], fit: dict[str, float], config: TrainConfig, num_classes: int, desc: str
+    start: float | None, fit: dict[str, float], config: TrainConfig, num_classes: int, desc: str
 ) -> None:
     """Raise TrainingDiverged when this epoch's mean train loss is above DIVERGENCE_FACTOR x the larger of
-    the first epoch's and log(classes) (a model at chance scores log(classes))."""
-    first = history[0]["train_loss"] if history else fit["train_loss"]
-    limit = DIVERGENCE_FACTOR * max(first, math.log(max(num_classes, 2)))
-    if fit["train_loss"] > limit:
+    the loss at the start (first batch, before any update) and log(classes) (a model at chance)."""
+    chance = math.log(max(num_classes, 2))
+    first = chance if start is None else start
+    if fit["train_loss"] > DIVERGENCE_FACTOR * max(first, chance):
         raise TrainingDiverged(
             f"{desc}: training diverged at epoch {int(fit['epoch'])}: train loss {fit['train_loss']:.3g} "
-            f"(first epoch {first:.3g}, chance log({num_classes}) = {math.log(max(num_classes, 2)):.3g}) "
+            f"(at the start {first:.3g}, chance log({num_classes}) = {chance:.3g}) "
             f"with {config.optimizer} at base_lr {config.base_lr:g} (peak lr {config.lr:.3g}); "
             f"{_divergence_hint(config)}"
         )
 
 
 def at_chance(val_acc: float, num_classes: int, num_val: int) -> bool:
-    """Whether a val accuracy is indistinguishable from guessing: within 3 standard errors of 1/C."""
+    """Whether a val accuracy is indistinguishable from guessing: within 3 standard errors of 1/C (at most
+    half-way from chance to 100%, so that a tiny val split does not call every result chance)."""
     p = 1.0 / max(num_classes, 1)
-    return val_acc <= 100.0 * (p + 3.0 * math.sqrt(p * (1 - p) / max(num_val, 1)))
+    margin = min(3.0 * math.sqrt(p * (1 - p) / max(num_val, 1)), (1 - p) / 2)
+    return val_acc <= 100.0 * (p + margin)
 
 
 def duration(seconds: float) -> str:
@@ -541,6 +547,7 @@ def _save_checkpoint(run: _Run, config: TrainConfig, epoch: int, seconds: float,
             "best": run.best,
             "init_state": run.init_state,
             "seconds": seconds,
+            "start_loss": run.start_loss,
             "torch_rng": torch.get_rng_state(),
             "py_rng": [py[0], list(py[1]), py[2]],
             "config": config.to_dict(),
