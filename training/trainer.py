@@ -5,6 +5,10 @@ decay on prompts and head weight but not on biases, backbone frozen and in eval 
 Methods: `linear` (head only, P = T = 0), `vpt-deep` (visual prompts, T = 0), `e2vpt` (visual + KV
 prompts) and `full` (an unfrozen copy of the backbone; the upper reference, not a prompt set).
 
+Named presets (`PRESETS`): `paper` (the recipe above, TrainConfig's defaults) and `quick` (a short AdamW
+recipe for small backbones). A run that diverges stops with `TrainingDiverged`; every epoch logs elapsed
+and estimated remaining time (a tqdm bar with ETA on a TTY).
+
 Selection: `best` keeps the parameters of the epoch with the highest val accuracy (ties: later epoch
 loses), `last` the final ones. A checkpoint is written after every epoch with the optimiser and RNG
 states, so `resume=True` continues to exactly the result of an uninterrupted run with the same seed.
