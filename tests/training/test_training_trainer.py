@@ -175,6 +175,12 @@ def test_divergence_stops_with_a_typed_error_naming_the_lr(backbone, splits) -> 
     with pytest.raises(TrainingDiverged) as info:
         train(backbone, splits, adamw, init)
     assert "--preset" not in info.value.message and "smaller --lr" in info.value.message
+    # in a grid search a diverging point is a bad point, not a failed search
+    short = replace(cfg, epochs=2)
+    chosen, table = grid_search(backbone, splits, short, "t", lrs=[1e5, 0.5], wds=[0.0])
+    assert table[0]["diverged"] and table[0]["val_acc"] is None and chosen.base_lr == 0.5
+    with pytest.raises(TrainingDiverged, match="every point"):
+        grid_search(backbone, splits, short, "t", lrs=[1e5], wds=[0.0])
 
 
 def test_divergence_rule_and_chance_level() -> None:
