@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +16,8 @@ from e2vpt.cli import build_parser, main
 from e2vpt.core.promptset import PromptSet
 from e2vpt.errors import RegistrationFailed
 from e2vpt.registry.client import register_prompt_set
+from training.cli import DEFAULT_PRESET, train_config
+from training.trainer import PRESETS, TrainConfig
 
 TINY = [
     "--backbone",
@@ -77,7 +80,9 @@ def _folder(root: Path) -> Path:
     return root
 
 
-def test_train_cli_prunes_writes_outputs_and_registers(tmp_path: Path, registry: Registry, capsys) -> None:
+def test_train_cli_prunes_writes_outputs_and_registers(
+    tmp_path: Path, registry: Registry, capsys, caplog
+) -> None:
     out = tmp_path / "run"
     args = [
         *TINY,
@@ -104,13 +109,26 @@ def test_train_cli_prunes_writes_outputs_and_registers(tmp_path: Path, registry:
     ]
     args += ["--prune-segments", "0.25", "--rewind-epochs", "1", "--no-progress", "--out", str(out)]
     args += ["--task-id", "colours", "--register", registry.url, "--token", "secret"]
-    assert main(["train", *args]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["num_prompts"] == 2
+    with caplog.at_level(logging.INFO):
+        assert main(["train", *args]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed["num_prompts"] == 2 and printed["preset"] == "quick"
+    # the plan before the start (12 images, 20% val -> 9 or 10 train images: 2 steps of 8), the ETA after epoch 1
+    assert "quick: e2vpt, adamw" in caplog.text and "2 epochs x 2 steps" in caplog.text
+    assert "rewind for 1 epochs" in caplog.text and "per epoch -> about" in caplog.text
+    # the three accuracies and the saved set: in the JSON, report.json and the last lines
+    keys = {"before_pruning", "pruned_masked", "after_rewinding", "saved_set", "saved"}
+    assert set(printed["pruning"]) == keys and printed["pruning"]["saved"] == "rewound"
+    last = captured.err.strip().splitlines()
+    assert "before pruning" in last[-2] and "pruned (masked)" in last[-2] and "after rewind" in last[-2]
+    assert last[-1].startswith("saved: the pruned set after rewind")
     ps = PromptSet.load(out / "colours.safetensors")
     assert ps.labels == ["green", "red"] and ps.num_prompts == 2 and ps.config["kept_token_indices"]
     report = json.loads((out / "report.json").read_text())
     assert report["prune"]["token_ratio"] == 0.5 and report["registered"]["version"] == 1
+    assert report["prune"]["saved"] == "rewound"
+    assert {**report["prune"]["val_acc"], "saved": "rewound"} == printed["pruning"]
     assert (out / "curves.png").stat().st_size > 0 and (out / "importance.png").stat().st_size > 0
     path, headers, body = registry.received[0]
     assert path == "/tasks/colours" and headers["Content-Type"] == "application/octet-stream"
@@ -157,3 +175,35 @@ def test_register_flag_takes_the_registry_settings(monkeypatch: pytest.MonkeyPat
     assert bare == {"register_url": "http://legacy:1", "register_token": "tok"}
     given = _registry_target(parse([*base, "--register", "http://x:2", "--token", "t2"]), settings)
     assert given == {"register_url": "http://x:2", "register_token": "t2"}
+
+
+def test_presets_from_the_command_line_and_explicit_options_win() -> None:
+    parse = build_parser().parse_args
+    base = ["train", "--backbone", "x", "--data", "d"]
+    assert DEFAULT_PRESET == "quick"
+    default = train_config(parse(base))
+    assert default.optimizer == "adamw" and default.epochs == PRESETS["quick"]["epochs"]
+    assert train_config(parse([*base, "--preset", "paper"])) == TrainConfig()  # the official recipe
+    mixed = train_config(parse([*base, "--preset", "paper", "--optimizer", "adamw", "--lr", "0.1"]))
+    assert (mixed.optimizer, mixed.base_lr, mixed.epochs, mixed.batch_size) == ("adamw", 0.1, 100, 64)
+    quick = train_config(parse([*base, "--epochs", "3", "--separate-kv", "--prompts", "4"]))
+    assert (quick.epochs, quick.share_kv, quick.num_prompts, quick.base_lr) == (3, False, 4, 0.25)
+    with pytest.raises(SystemExit):
+        parse([*base, "--preset", "fast"])
+    with pytest.raises(SystemExit):
+        parse([*base, "--optimizer", "adam"])
+
+
+def test_train_cli_divergence_exits_1_with_what_to_try(tmp_path: Path, caplog, capsys) -> None:
+    """The paper's SGD at a far too large lr on a tiny backbone: stopped early, exit 1, one line naming the
+    lr and suggesting --preset quick or a smaller --lr; no prompt set written."""
+    out = tmp_path / "o"
+    argv = ["train", *TINY, "--data", str(_folder(tmp_path / "ds")), "--preset", "paper", "--lr", "1e5"]
+    argv += ["--warmup", "0", "--epochs", "5", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    argv += ["--task-id", "boom"]
+    assert main(argv) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("TrainingDiverged:")
+    assert "base_lr 100000" in errors[0] and "--preset quick" in errors[0] and "smaller --lr" in errors[0]
+    assert "Traceback" not in caplog.text and not (out / "boom.safetensors").exists()
+    assert capsys.readouterr().out == ""

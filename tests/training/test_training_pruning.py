@@ -118,6 +118,7 @@ def test_pruning_grid_search_on_val(backbone, trained) -> None:
     assert pr.token_ratio == 0.75 and pr.segment_ratio == 0.5
     assert [r["ratio"] for r in pr.search["token"]] == [0.25, 0.5, 0.75]
     assert pr.prompt_set.num_prompts == 6 - prune_count(6, 0.75)
+    assert pr.saved == "rewound" and len(pr.attempts) == 1 and pr.attempts[0]["within_tolerance"] is True
 
 
 def test_prune_needs_visual_prompts(backbone, trained) -> None:
@@ -129,3 +130,34 @@ def test_prune_needs_visual_prompts(backbone, trained) -> None:
     with pytest.raises(ValueError, match="no visual prompts"):
         prune_and_rewind(backbone, splits, res, init, cfg, PruneConfig())
     assert isinstance(res.prompts, TaskPrompts)
+
+
+def test_auto_keeps_its_tolerance_after_rewinding(backbone, trained) -> None:
+    """A rewinding that cannot recover (lr 0: the rewound set is the initial one, at chance). With `auto`
+    every smaller level is tried and finally the unpruned set is kept, saying so; with fixed ratios the
+    rewound set is kept as asked (the fidelity study relies on it), and both report the three numbers."""
+    splits, init, res = trained
+    assert res.val_acc > 60, "precondition: the trained task is well above chance"
+    stuck = replace(CFG, base_lr=0.0)
+    auto = PruneConfig(token_ratio=None, segment_ratio=None, tolerance=1.0, rewind_epochs=1)
+    pr = prune_and_rewind(backbone, splits, res, init, stuck, auto)
+    assert pr.saved == "unpruned" and pr.retrain is res
+    assert pr.token_ratio == 0.0 and pr.segment_ratio == 0.0 and pr.token_mask.all()
+    assert torch.equal(pr.prompt_set.visual, res.prompts.visual.detach().cpu())
+    assert pr.prompt_set.num_prompts == CFG.num_prompts and pr.prompt_set.token_mask is None
+    levels = [(a["token_ratio"], a["segment_ratio"]) for a in pr.attempts]
+    assert len(levels) >= 2 and levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels)
+    assert all(a["within_tolerance"] is False for a in pr.attempts)
+    summary = pr.summary()
+    assert summary["saved"] == "unpruned" and summary["val_acc"]["saved_set"] == res.val_acc
+    assert set(summary["val_acc"]) == {"before_pruning", "pruned_masked", "after_rewinding", "saved_set"}
+    assert "UNPRUNED" in pr.lines()[-1] and "before pruning" in pr.lines()[0]
+    assert pr.prompt_set.metrics["pruning_saved"] == "unpruned"
+
+    fixed = PruneConfig(token_ratio=0.5, segment_ratio=0.25, tolerance=1.0, rewind_epochs=1)
+    pr = prune_and_rewind(backbone, splits, res, init, stuck, fixed)
+    assert pr.saved == "rewound" and len(pr.attempts) == 1 and pr.attempts[0]["within_tolerance"] is None
+    assert pr.prompt_set.num_prompts == 3 and pr.retrain.val_acc < res.val_acc - 1.0
+    numbers = pr.summary()["val_acc"]
+    assert numbers["before_pruning"] == res.val_acc and numbers["after_rewinding"] == pr.retrain.val_acc
+    assert numbers["pruned_masked"] == pr.before["pruned_val_acc_no_retrain"]

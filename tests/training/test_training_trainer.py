@@ -3,6 +3,7 @@ schedule and parameter groups, and true tuned-parameter counts."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,11 +13,15 @@ import torch
 
 from training.data import ArrayDataset, DataSplits, with_transforms
 from training.trainer import (
+    PRESETS,
     TrainConfig,
+    TrainingDiverged,
+    at_chance,
     grid_search,
     initial_prompt_set,
     lr_at,
     param_groups,
+    preset_config,
     train,
     tuned_param_count,
 )
@@ -140,3 +145,71 @@ def test_adamw_option_trains_and_is_recorded(backbone, splits) -> None:
     assert TrainConfig().optimizer == "sgd"  # the official recipe stays the default
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="adam")
+
+
+def test_presets_paper_is_the_official_default_and_overrides_win() -> None:
+    """`paper` is TrainConfig's defaults (the official recipe); `quick` is the AdamW recipe; explicit
+    options override a preset field by field; an unknown name is refused."""
+    assert preset_config("paper") == TrainConfig()
+    quick = preset_config("quick")
+    assert quick.optimizer == "adamw" and quick.base_lr == 0.25 and quick.batch_size == 32
+    assert quick.warmup_epochs == 1 and 6 <= quick.epochs <= 10 and quick != TrainConfig()
+    mixed = preset_config("quick", base_lr=0.1, epochs=2)
+    assert (mixed.base_lr, mixed.epochs, mixed.optimizer) == (0.1, 2, "adamw")
+    assert set(PRESETS) == {"paper", "quick"}
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("fast")
+
+
+def test_divergence_stops_with_a_typed_error_naming_the_lr(backbone, splits) -> None:
+    """SGD at an absurd lr: the loss explodes; training stops early with TrainingDiverged naming the lr
+    and what to try, instead of running all epochs and exiting 0."""
+    cfg = replace(BASE, method="e2vpt", base_lr=1e5, epochs=6, warmup_epochs=0)
+    init = initial_prompt_set("t", backbone, splits.labels, cfg)
+    epochs_seen: list[int] = []
+    with pytest.raises(TrainingDiverged, match=r"base_lr 100000.*--preset quick.*smaller --lr") as info:
+        train(backbone, splits, cfg, init, on_epoch=lambda row: epochs_seen.append(int(row["epoch"])))
+    assert len(epochs_seen) < cfg.epochs, "stopped before the end"
+    assert info.value.code == "training_diverged"
+    adamw = replace(cfg, optimizer="adamw")  # on AdamW the hint is the lr alone
+    with pytest.raises(TrainingDiverged) as info:
+        train(backbone, splits, adamw, init)
+    assert "--preset" not in info.value.message and "smaller --lr" in info.value.message
+    # in a grid search a diverging point is a bad point, not a failed search
+    short = replace(cfg, epochs=2)
+    chosen, table = grid_search(backbone, splits, short, "t", lrs=[1e5, 0.5], wds=[0.0])
+    assert table[0]["diverged"] and table[0]["val_acc"] is None and chosen.base_lr == 0.5
+    with pytest.raises(TrainingDiverged, match="every point"):
+        grid_search(backbone, splits, short, "t", lrs=[1e5], wds=[0.0])
+
+
+def test_divergence_rule_and_chance_level() -> None:
+    from training.trainer import _check_divergence
+
+    cfg = replace(BASE, progress=False)
+    _check_divergence(1.0, {"epoch": 2, "train_loss": 3.2}, cfg, 3, "t")  # 3 x log(3) = 3.30: fine
+    with pytest.raises(TrainingDiverged, match="epoch 2"):
+        _check_divergence(1.0, {"epoch": 2, "train_loss": 3.4}, cfg, 3, "t")
+    _check_divergence(5.0, {"epoch": 3, "train_loss": 14.0}, cfg, 3, "t")  # a high start: 3 x 5.0
+    with pytest.raises(TrainingDiverged):
+        _check_divergence(5.0, {"epoch": 3, "train_loss": 16.0}, cfg, 3, "t")
+    with pytest.raises(TrainingDiverged, match="epoch 1"):  # no start recorded: log(C) is the reference
+        _check_divergence(None, {"epoch": 1, "train_loss": 3.4}, cfg, 3, "t")
+    assert at_chance(10.0, 10, 200) and at_chance(14.0, 10, 200) and not at_chance(20.0, 10, 200)
+    assert not at_chance(90.0, 2, 200) and at_chance(50.0, 2, 200)
+    assert not at_chance(100.0, 2, 2) and at_chance(75.0, 2, 2)  # a tiny val split: half-way at most
+
+
+def test_a_run_at_chance_warns_and_epochs_report_time_left(backbone, splits, caplog) -> None:
+    """lr 0 learns nothing: the result carries a warning saying so. Every epoch logs elapsed and
+    estimated remaining time; the first one the estimated total."""
+    cfg = replace(BASE, method="e2vpt", base_lr=0.0, epochs=2)
+    init = initial_prompt_set("t", backbone, splits.labels, cfg)
+    with caplog.at_level(logging.INFO, logger="training.trainer"):
+        res = train(backbone, splits, cfg, init, desc="zero")
+    assert any("at chance" in w for w in res.summary()["warnings"]), res.val_acc
+    epoch_lines = [r.getMessage() for r in caplog.records if "zero epoch" in r.getMessage()]
+    assert len(epoch_lines) == 2 and all("elapsed, ~" in m and "left" in m for m in epoch_lines)
+    assert any(
+        "per epoch -> about" in r.getMessage() and "for 2 epochs" in r.getMessage() for r in caplog.records
+    )
