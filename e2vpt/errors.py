@@ -129,6 +129,14 @@ class InvalidDataset(E2VPTError):
     code = "invalid_dataset"
 
 
+class TrainingDiverged(E2VPTError):
+    """Training stopped because the loss became non-finite or rose far above its start: the learning
+    rate (or optimizer) does not suit this backbone and data. `e2vpt train` exits 1 with the message."""
+
+    http_status = 422
+    code = "training_diverged"
+
+
 class RegistrationFailed(E2VPTError):
     """The prompt registry refused a prompt set or could not be reached (training's `--register`)."""
 

@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "demo")
     p.add_argument("--keep-running", action="store_true", help="leave Redis/registry/TorchServe running")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="    %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)  # one line per epoch, with the time left
     args.cache.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 

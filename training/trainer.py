@@ -39,7 +39,7 @@ from e2vpt.core.backbone import Backbone
 from e2vpt.core.method import DEFAULTS as METHOD_DEFAULTS
 from e2vpt.core.model import PromptedViT, TaskPrompts
 from e2vpt.core.promptset import PromptSet
-from e2vpt.errors import E2VPTError, InvalidDataset
+from e2vpt.errors import InvalidDataset, TrainingDiverged
 from training.data import DataSplits
 
 log = logging.getLogger(__name__)
@@ -180,14 +180,6 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
     return TrainConfig(**{**PRESETS[preset], **overrides})
-
-
-class TrainingDiverged(E2VPTError):
-    """Training stopped because the loss became non-finite or rose far above its start: the learning
-    rate (or optimizer) does not suit this backbone and data. `e2vpt train` exits 1 with the message."""
-
-    http_status = 422
-    code = "training_diverged"
 
 
 # ------------------------------------------------------------------------------------------ helpers

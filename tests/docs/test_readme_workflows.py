@@ -7,7 +7,8 @@ first terminal"; the blocks between two such servers run together in one fresh s
 terminal"), which starts with none of the first terminal's exports: what a block needs there, the README
 must say. Only what is slow or needs the network is substituted, and only here:
 
-- the upstream ViT is already cached (a tiny one at the path the README names, so `upstream` reuses it);
+- the pretrained ViT is already converted (a tiny one at the path the README names, so `pretrained`
+  reuses it);
 - `path/to/pets` is a tiny generated image folder; training gets a tiny budget (flags appended to the
   README's own `train` line, so a changed train command is still the one that runs);
 - a block needing downloads (`--pretrained`) is skipped;
@@ -32,7 +33,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from e2vpt.config import DEFAULT_PRETRAINED_DIR
 from e2vpt.core.backbone import save_checkpoint
+from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, checkpoint_path
 from e2vpt.dev.images import image_bytes
 from e2vpt.dev.localredis import free_ports
 from e2vpt.torchserve.archive import stop_group
@@ -85,12 +88,12 @@ class Workdir:
 def workdir(tmp_path: Path) -> Iterator[Workdir]:
     redis = RedisServer(tmp_path / "redis").start()
     cwd = tmp_path / "clone"
-    # what step 1 would have made once (the upstream ViT), and the user's image folder
+    # what step 1 converts once (the pretrained ViT: a tiny stand-in at its cached path, which
+    # `e2vpt pretrained` then reuses), and the user's image folder
     bb = tiny_backbone()
-    (cwd / "runs/upstream").mkdir(parents=True)
-    save_checkpoint(
-        bb.model, bb.info.name, bb.info.model_kwargs, cwd / "runs/upstream/vit_upstream_32.safetensors"
-    )
+    cached = checkpoint_path(DEFAULT_IMG_SIZE, cwd / DEFAULT_PRETRAINED_DIR)
+    cached.parent.mkdir(parents=True)
+    save_checkpoint(bb.model, bb.info.name, bb.info.model_kwargs, cached)
     for label in range(3):
         folder = cwd / "path/to/pets" / f"breed{label}"
         folder.mkdir(parents=True)
