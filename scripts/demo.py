@@ -116,7 +116,7 @@ def demo_tasks(args: argparse.Namespace, real: bool) -> list[str]:
 
 def train_tasks(tasks: list[str], ckpt: Path, cache: Path, real: bool) -> dict[str, Path]:
     """Train (or reuse) one pruned E2VPT prompt set per mini-VTAB task."""
-    from training.pipeline import REAL_DEMO_EPOCHS, quick_demo_task
+    from training.pipeline import REAL_DEMO, quick_demo_task
 
     backbone = load_backbone(checkpoint=ckpt)
     files: dict[str, Path] = {}
@@ -139,7 +139,7 @@ def train_tasks(tasks: list[str], ckpt: Path, cache: Path, real: bool) -> dict[s
                 cache / "runs" / task,
                 task_id=f"mini-{task}",
                 backbone=backbone,
-                epochs=REAL_DEMO_EPOCHS if real else None,
+                **(REAL_DEMO if real else {}),
             )
             assert run.prompt_set is not None
             run.prompt_set.save(path)

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from e2vpt.core.backbone import Backbone  # noqa: E402
 from e2vpt.core.model import PromptedViT, TaskBatch  # noqa: E402
 from e2vpt.core.promptset import PromptSet  # noqa: E402
+from e2vpt.errors import TrainingDiverged  # noqa: E402
 from training.data import with_transforms  # noqa: E402
 from training.pruning import PruneConfig, prune_and_rewind  # noqa: E402
 from training.report import save_figure, write_json  # noqa: E402
@@ -147,6 +148,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
     model = PromptedViT(backbone)
     methods = [m for m in TRAINED if m != "full" or cfg.full_finetune]
     rows: list[dict[str, Any]] = []
+    diverged: list[dict[str, Any]] = []  # runs stopped by the trainer's divergence check
     t_start = time.perf_counter()
     runs = len(cfg.tasks) * len(cfg.seeds)
     splits_of: dict[str, Any] = {}
@@ -174,16 +176,25 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
             for method in methods:
                 mcfg = cfg.train_config(method, seed)
                 init = initial_prompt_set(f"mini-{task}", backbone, splits.labels, mcfg)
-                res = train(backbone, splits, mcfg, init, desc=f"{task}/{method}/seed{seed}")
+                try:
+                    res = train(backbone, splits, mcfg, init, desc=f"{task}/{method}/seed{seed}")
+                except TrainingDiverged as exc:  # reported with the results, never averaged in
+                    log.warning("%s %s seed %d diverged: %s", task, method, seed, exc.message)
+                    diverged.append({"task": task, "method": method, "seed": seed, "error": exc.message})
+                    continue
                 ps = res.prompts.to_prompt_set(init, pruned=False)
                 rows.append(_row(task, method, seed, res.val_acc, res.test_acc, ps, res, model, x_time))
                 log.info("%s %s seed %d: val %.2f test %.2f", task, method, seed, res.val_acc, res.test_acc)
                 if method == "e2vpt":
                     e2vpt = (res, init)
-            assert e2vpt is not None
-            for layout in cfg.segment_layouts:
+            for layout in cfg.segment_layouts if e2vpt is not None else ():
                 name = pruned_name(layout)
-                pr = _prune(backbone, splits, *e2vpt, cfg, layout)
+                try:
+                    pr = _prune(backbone, splits, *e2vpt, cfg, layout)
+                except TrainingDiverged as exc:
+                    log.warning("%s %s seed %d diverged: %s", task, name, seed, exc.message)
+                    diverged.append({"task": task, "method": name, "seed": seed, "error": exc.message})
+                    continue
                 rows.append(
                     _row(task, name, seed, pr.retrain.val_acc, pr.retrain.test_acc, pr.prompt_set, e2vpt[0], model, x_time)
                 )  # fmt: skip
@@ -195,8 +206,10 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
                     pr.retrain.val_acc,
                     pr.retrain.test_acc,
                 )
-            _write(rows, cfg, out, time.perf_counter() - t_start, backbone)  # partial results survive
-    return _write(rows, cfg, out, time.perf_counter() - t_start, backbone)
+            _write(
+                rows, diverged, cfg, out, time.perf_counter() - t_start, backbone
+            )  # partial results survive
+    return _write(rows, diverged, cfg, out, time.perf_counter() - t_start, backbone)
 
 
 def _prune(backbone: Backbone, splits, trained: TrainResult, init: PromptSet, cfg: StudyConfig, layout: str):
@@ -272,7 +285,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(
-    rows: list[dict[str, Any]], cfg: StudyConfig, out: Path, seconds: float, backbone: Backbone
+    rows: list[dict[str, Any]],
+    diverged: list[dict[str, Any]],
+    cfg: StudyConfig,
+    out: Path,
+    seconds: float,
+    backbone: Backbone,
 ) -> dict[str, Any]:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     summary = summarize(rows)
@@ -285,15 +303,16 @@ def _write(
         "seconds": seconds,
         "tasks": tasks,
         "rows": rows,
+        "diverged": diverged,
         "summary": summary,
     }
     write_json(data, out / "results.json")
-    (out / "results.md").write_text(_markdown(summary, tasks, cfg, seconds, backbone))
+    (out / "results.md").write_text(_markdown(summary, diverged, tasks, cfg, seconds, backbone))
     _plot(summary, tasks, out / "results.png")
     return data
 
 
-def _markdown(summary, tasks, cfg: StudyConfig, seconds: float, backbone: Backbone) -> str:
+def _markdown(summary, diverged, tasks, cfg: StudyConfig, seconds: float, backbone: Backbone) -> str:
     seeds = ", ".join(map(str, cfg.seeds))
     lines = [
         f"# Fidelity study ({backbone.info.name} at {backbone.info.img_size[0]} px; {cfg.n_train} train / "
@@ -316,6 +335,14 @@ def _markdown(summary, tasks, cfg: StudyConfig, seconds: float, backbone: Backbo
             f"| {m} | " + " | ".join(cells) + f" | **{s['mean_test_acc']:.2f} ± {s['sd_test_acc']:.2f}** | "
             f"{s['mean_tuned_percent']:.3f} | {s['mean_tokens_kept']:.1f} | {ms} |"
         )
+    if diverged:
+        lines += [
+            "",
+            f"Diverged (stopped by the trainer, not in the means; a seed missing a task is left out of "
+            f"that method's overall mean): {len(diverged)} run(s)",
+            "",
+        ]
+        lines += [f"- {d['task']} / {d['method']} / seed {d['seed']}: {d['error']}" for d in diverged]
     return "\n".join(lines) + "\n"
 
 

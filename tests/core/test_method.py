@@ -11,8 +11,9 @@ from e2vpt.cli import build_parser
 from e2vpt.core.backbone import load_backbone
 from e2vpt.core.method import DEFAULTS, MethodConfig
 from e2vpt.core.promptset import META_KEY, PromptSet, _read_metadata
+from training.cli import DEFAULT_PRESET, train_config
 from training.pruning import PruneConfig
-from training.trainer import TrainConfig
+from training.trainer import TrainConfig, preset_config
 
 
 def test_unknown_keys_load_and_round_trip() -> None:
@@ -43,17 +44,8 @@ def test_defaults_are_defined_once() -> None:
     for name in ("num_prompts", "num_kv", "share_kv", "num_segments", "segment_layout"):
         assert getattr(tc, name) == getattr(DEFAULTS, name)
     args = build_parser().parse_args(["train", "--backbone", "x", "--data", "d"])
-    assert (args.prompts, args.kv, args.segments, args.segment_layout) == (
-        tc.num_prompts,
-        tc.num_kv,
-        tc.num_segments,
-        tc.segment_layout,
-    )
-    assert (args.epochs, args.lr, args.wd, args.batch_size, args.select) == (
-        tc.epochs,
-        tc.base_lr,
-        tc.weight_decay,
-        tc.batch_size,
-        tc.select,
-    )
+    # the CLI leaves every training option to the preset (one home: training.trainer.PRESETS)
+    assert train_config(args) == preset_config(DEFAULT_PRESET, method=args.method, progress=True)
+    for name in ("num_prompts", "num_kv", "num_segments", "segment_layout"):
+        assert getattr(train_config(args), name) == getattr(DEFAULTS, name)
     assert (args.importance, args.rewind, args.tolerance) == (pc.importance, pc.rewind, pc.tolerance)

@@ -85,8 +85,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     sets = {t: make_set(t, backbone, classes=3 + i % 4, seed=i) for i, t in enumerate(TASKS)}
     for ps in sets.values():
         store.register(ps)
-    # handles report their load to the autoscaler every 0.5 s (Ray's default, 10 s, is for production)
-    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    ray_env = {
+        # handles report their load to the autoscaler every 0.5 s (Ray's default, 10 s, is for production)
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        # a loaded 2-core machine (the suite, CI) can take longer than Ray's 5 s / 10 s to start and answer
+        # for the HTTP proxy; the controller would kill and restart it in a loop
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    }
+    os.environ.update(ray_env)
     # a lost node is noticed within about 2 s (GCS health checks; Ray's defaults take ~15 s)
     fast_failover = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(
@@ -106,7 +113,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-        os.environ.pop("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", None)
+        for name in ray_env:
+            os.environ.pop(name, None)
         store.drop_all()
         store.close()
 

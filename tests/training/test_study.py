@@ -77,3 +77,30 @@ def test_files_for_readers(study) -> None:
     md = (out / "results.md").read_text()
     assert "e2vpt-pruned-strided" in md and "±" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diverged_runs_are_reported_not_averaged(tmp_path) -> None:
+    """SGD at an absurd lr: every run is stopped by the trainer's divergence check; the study records
+    each one (no pruning of a diverged e2vpt run), averages none, and says so in results.md."""
+    cfg = StudyConfig(
+        tasks=("orientation",),
+        n_train=32,
+        n_val=16,
+        n_test=16,
+        epochs=2,
+        warmup_epochs=0,
+        batch_size=16,
+        optimizer="sgd",
+        base_lr=1e6,
+        num_prompts=4,
+        num_kv=2,
+        num_segments=4,
+        seeds=(0,),
+    )
+    data = run_study(cfg, tmp_path, tiny_backbone(global_pool="avg"))
+    diverged = {(d["task"], d["method"], d["seed"]) for d in data["diverged"]}
+    completed = {(r["task"], r["method"], r["seed"]) for r in data["rows"]}
+    assert ("orientation", "e2vpt", 0) in diverged
+    assert not diverged & completed
+    assert ("orientation", "e2vpt-pruned", 0) not in completed  # nothing to prune
+    assert "Diverged" in (tmp_path / "results.md").read_text()
