@@ -7,6 +7,10 @@
     # the generated mini-VTAB on the offline upstream ViT (pretrained once by `ensure_upstream`)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --quick --out runs/study-quick
 
+    # one process per seed (every core busy), then one study from the three
+    for s in 0 1 2; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --real --pretrained --seeds $s --out runs/study-real-s$s & done; wait
+    .venv/bin/python benchmarks/fidelity_study.py --merge runs/study-real-s0 runs/study-real-s1 runs/study-real-s2 --out runs/study-real
+
 Writes results.json (every run), results.md (mean ± sd per task and overall) and results.png into --out.
 Options override the chosen preset (`--epochs`, `--lr`, `--optimizer`, `--seeds`, `--tasks`, ...).
 """
@@ -21,7 +25,7 @@ from pathlib import Path
 from e2vpt.core.backbone import load_backbone
 from e2vpt.core.method import SEGMENT_LAYOUTS
 from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, PRETRAINED_ALIAS, pretrained_or_fallback
-from training.study import StudyConfig, run_study
+from training.study import StudyConfig, merge_studies, run_study
 from training.synthetic.minivtab import REAL_SUITE, TASKS
 from training.synthetic.upstream import ensure_upstream, load_upstream
 from training.trainer import OPTIMIZERS
@@ -64,7 +68,14 @@ def main() -> None:
         help=f"segment layouts to prune with ({','.join(SEGMENT_LAYOUTS)}; default contiguous)",
     )
     p.add_argument("--full-finetune", action="store_true", help="also fine-tune the whole backbone (slow)")
+    p.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="join finished studies (one per seed) into --out"
+    )
     args = p.parse_args()
+    if args.merge:
+        merge_studies(args.merge, args.out)
+        print((Path(args.out) / "results.md").read_text())
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.real:
         cfg = StudyConfig.real_quick() if args.quick else StudyConfig.real()

@@ -147,6 +147,12 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
     backbone = backbone or load_upstream()
     model = PromptedViT(backbone)
     methods = [m for m in TRAINED if m != "full" or cfg.full_finetune]
+    meta = {
+        "backbone": backbone.info.name,
+        "fingerprint": backbone.info.fingerprint,
+        "img_size": list(backbone.info.img_size),
+        "torch_threads": torch.get_num_threads(),
+    }
     rows: list[dict[str, Any]] = []
     diverged: list[dict[str, Any]] = []  # runs stopped by the trainer's divergence check
     t_start = time.perf_counter()
@@ -207,9 +213,36 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
                     pr.retrain.test_acc,
                 )
             _write(
-                rows, diverged, cfg, out, time.perf_counter() - t_start, backbone
+                rows, diverged, cfg, out, time.perf_counter() - t_start, meta
             )  # partial results survive
-    return _write(rows, diverged, cfg, out, time.perf_counter() - t_start, backbone)
+    return _write(rows, diverged, cfg, out, time.perf_counter() - t_start, meta)
+
+
+def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """One study from several runs of the same config over different seeds (e.g. one process per seed, so
+    every core trains): rows and diverged runs joined, seeds joined, seconds summed (CPU-bound processes
+    in parallel: the sum is the one-process cost, the wall time was shorter)."""
+    import json
+
+    datas = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
+    first = datas[0]
+    for d in datas[1:]:
+        same = {k: v for k, v in d["config"].items() if k != "seeds"} == {
+            k: v for k, v in first["config"].items() if k != "seeds"
+        }
+        if not same or d["fingerprint"] != first["fingerprint"]:
+            raise ValueError("studies to merge must share the config (seeds aside) and the backbone")
+    config = {**first["config"], "seeds": sorted({s for d in datas for s in d["config"]["seeds"]})}
+    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    rows = sorted(
+        (r for d in datas for r in d["rows"]), key=lambda r: (r["seed"], cfg.tasks.index(r["task"]))
+    )
+    diverged = [x for d in datas for x in d.get("diverged", [])]
+    meta = {k: first[k] for k in ("backbone", "fingerprint", "img_size", "torch_threads")}
+    meta["merged_from"] = [str(p) for p in parts]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write(rows, diverged, cfg, out, sum(d["seconds"] for d in datas), meta)
 
 
 def _prune(backbone: Backbone, splits, trained: TrainResult, init: PromptSet, cfg: StudyConfig, layout: str):
@@ -290,16 +323,13 @@ def _write(
     cfg: StudyConfig,
     out: Path,
     seconds: float,
-    backbone: Backbone,
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     summary = summarize(rows)
     data = {
         "config": asdict(cfg),
-        "backbone": backbone.info.name,
-        "fingerprint": backbone.info.fingerprint,
-        "img_size": list(backbone.info.img_size),
-        "torch_threads": torch.get_num_threads(),
+        **meta,
         "seconds": seconds,
         "tasks": tasks,
         "rows": rows,
@@ -307,17 +337,22 @@ def _write(
         "summary": summary,
     }
     write_json(data, out / "results.json")
-    (out / "results.md").write_text(_markdown(summary, diverged, tasks, cfg, seconds, backbone))
+    (out / "results.md").write_text(_markdown(summary, diverged, tasks, cfg, seconds, meta))
     _plot(summary, tasks, out / "results.png")
     return data
 
 
-def _markdown(summary, diverged, tasks, cfg: StudyConfig, seconds: float, backbone: Backbone) -> str:
+def _markdown(summary, diverged, tasks, cfg: StudyConfig, seconds: float, meta: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, cfg.seeds))
     lines = [
-        f"# Fidelity study ({backbone.info.name} at {backbone.info.img_size[0]} px; {cfg.n_train} train / "
+        f"# Fidelity study ({meta['backbone']} at {meta['img_size'][0]} px; {cfg.n_train} train / "
         f"{cfg.n_val} val / up to {cfg.n_test} test; {cfg.epochs} epochs {cfg.optimizer} base lr {cfg.base_lr}; "
-        f"seeds {seeds}; {seconds / 60:.1f} min)",
+        f"seeds {seeds}; {seconds / 60:.1f} min"
+        + (
+            f", summed over {len(meta['merged_from'])} processes run side by side)"
+            if "merged_from" in meta
+            else ")"
+        ),
         "",
         "Test accuracy (%), mean ± sd over seeds per task; the mean column is the mean over seeds of each "
         "seed's mean over tasks, ± its sd.",

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from tests.helpers import tiny_backbone
-from training.study import StudyConfig, run_study, summarize
+from training.study import StudyConfig, merge_studies, run_study, summarize
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,25 @@ def test_diverged_runs_are_reported_not_averaged(tmp_path) -> None:
     assert not diverged & completed
     assert ("orientation", "e2vpt-pruned", 0) not in completed  # nothing to prune
     assert "Diverged" in (tmp_path / "results.md").read_text()
+
+
+def test_studies_of_single_seeds_merge_into_one(study, tmp_path) -> None:
+    """One process per seed, then `merge_studies`: the same summary as one process over both seeds."""
+    _, out, data = study
+    parts = []
+    for seed in (0, 1):
+        part = tmp_path / f"s{seed}"
+        part.mkdir()
+        mine = {**data, "rows": [r for r in data["rows"] if r["seed"] == seed]}
+        mine["config"] = {**data["config"], "seeds": [seed]}
+        (part / "results.json").write_text(json.dumps(mine))
+        parts.append(part)
+    merged = merge_studies(parts, tmp_path / "merged")
+    assert json.dumps(merged["summary"], sort_keys=True) == json.dumps(data["summary"], sort_keys=True)
+    assert list(merged["config"]["seeds"]) == [0, 1]
+    assert "summed over 2 processes" in (tmp_path / "merged" / "results.md").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({**data, "config": {**data["config"], "epochs": 9}}))
+    with pytest.raises(ValueError, match="share the config"):
+        merge_studies([parts[0], other], tmp_path / "bad")
