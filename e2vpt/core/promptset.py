@@ -36,6 +36,8 @@ from e2vpt.core import safejson
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import RECIPES
 from e2vpt.core.method import DEFAULTS, SEGMENT_LAYOUTS, MethodConfig
+from e2vpt.core.promptfile import MAX_METADATA_DEPTH, META_KEY
+from e2vpt.core.promptfile import read_metadata as _read_metadata
 from e2vpt.errors import (
     CorruptPromptSet,
     IncompatiblePromptSet,
@@ -46,13 +48,11 @@ from e2vpt.errors import (
 )
 
 FORMAT_VERSION = 1
-META_KEY = "e2vpt"
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TENSOR_KEYS = {"visual", "kv", "head_weight", "head_bias"}
 _MASK_KEYS = {"segment_mask", "token_mask"}
 MASK_DTYPES = (torch.uint8, torch.bool)
-MAX_METADATA_DEPTH = 16
 
 
 def check_task_id(task_id: object) -> str:
@@ -483,29 +483,3 @@ def _check_mask(key: str, mask: torch.Tensor) -> None:
         )
     if mask.dtype != torch.bool and mask.numel() and int(mask.max()) > 1:
         raise InvalidPromptSet(f"{key} must hold only 0 and 1, found {int(mask.max())}")
-
-
-def _read_metadata(data: bytes) -> dict[str, Any]:
-    """The JSON metadata of a safetensors payload, parsed by hand (depth-bounded, finite numbers only)
-    so that corrupt or hostile input fails with a typed error."""
-    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
-        raise CorruptPromptSet("payload is shorter than a safetensors header")
-    header_len = int.from_bytes(bytes(data[:8]), "little")
-    if header_len <= 0 or 8 + header_len > len(data):
-        raise CorruptPromptSet("not a safetensors file (header length does not fit the payload; truncated?)")
-    # the header is {"__metadata__": {"e2vpt": "<json>"}, "<tensor>": {...}, ...}: 3 levels
-    header = safejson.loads(
-        bytes(data[8 : 8 + header_len]), max_depth=3, what="safetensors header", error=CorruptPromptSet
-    )
-    try:
-        text = header["__metadata__"][META_KEY]
-    except (KeyError, TypeError) as exc:
-        raise CorruptPromptSet(f"safetensors header has no '{META_KEY}' metadata") from exc
-    if not isinstance(text, str):
-        raise CorruptPromptSet(f"safetensors metadata '{META_KEY}' is not a string")
-    meta = safejson.loads(
-        text, max_depth=MAX_METADATA_DEPTH, what="prompt-set metadata", error=CorruptPromptSet
-    )
-    if not isinstance(meta, dict):
-        raise CorruptPromptSet("prompt-set metadata is not a JSON object")
-    return meta

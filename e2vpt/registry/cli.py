@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from e2vpt.config import Settings, get_settings
-from e2vpt.errors import E2VPTError, RegistryRequestError, RegistryUnreachable
+from e2vpt.errors import CorruptPromptSet, E2VPTError, RegistryRequestError, RegistryUnreachable
 from e2vpt.registry.client import RegistryClient
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT_NOPERM = 0, 1, 2, 66, 69, 77
@@ -91,10 +91,12 @@ def _print_json(obj: object) -> None:
 
 def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
     """Upload one file under its own task id (read locally only to learn it; the server validates)."""
-    from e2vpt.core.promptset import PromptSet  # torch: only when a file is registered
+    from e2vpt.core.promptfile import read_metadata  # the header only: no torch
 
     data = path.read_bytes()
-    task_id = PromptSet.from_bytes(data, limits=get_settings().prompt_limits).task_id
+    task_id = read_metadata(data).get("task_id")
+    if not isinstance(task_id, str) or not task_id:
+        raise CorruptPromptSet(f"{path}: the prompt set's metadata names no task id")
     return client.register(data, task_id)
 
 

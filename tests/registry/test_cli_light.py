@@ -20,7 +20,7 @@ from e2vpt.registry.cli import (
     format_table,
 )
 from tests.cli_helpers import ROOT
-from tests.helpers import free_port
+from tests.helpers import free_port, make_set, tiny_backbone
 
 PROBE = """
 import sys
@@ -31,11 +31,17 @@ print("RC", rc, "HEAVY", ",".join(heavy) or "-")
 """
 
 
-def test_tasks_commands_import_no_torch() -> None:
+def test_tasks_commands_import_no_torch(tmp_path: Path) -> None:
     """The real command, in a fresh interpreter, against an unreachable registry: exit 69, nothing heavy."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     url = f"http://127.0.0.1:{free_port()}"
-    for argv in (["tasks", "list", "--url", url], ["-v", "tasks", "versions", "pets", "--url", url]):
+    pets = make_set("pets", tiny_backbone())
+    pets.save(tmp_path / "pets.safetensors")
+    for argv in (
+        ["tasks", "list", "--url", url],
+        ["-v", "tasks", "versions", "pets", "--url", url],
+        ["tasks", "register", str(tmp_path / "pets.safetensors"), "--url", url],  # reads the header only
+    ):
         out = subprocess.run(
             [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, env=env, timeout=120
         )
