@@ -104,9 +104,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        serve.start(
-            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": settings.ray_http_port}
-        )
+        for attempt in range(3):  # Serve waits 60 s (a constant) for its HTTP proxy; a loaded machine can
+            try:  # take longer, and the proxy keeps starting meanwhile: wait again
+                serve.start(
+                    proxy_location="HeadOnly",
+                    http_options={"host": "127.0.0.1", "port": settings.ray_http_port},
+                )
+                break
+            except TimeoutError:
+                if attempt == 2:
+                    raise
         serve.run(build_app(settings), name=APP, route_prefix="/")
         url = f"http://127.0.0.1:{settings.ray_http_port}/predictions/e2vpt"
         yield Served(cluster, settings, store, backbone, sets, url)

@@ -152,7 +152,7 @@ def test_presets_paper_is_the_official_default_and_overrides_win() -> None:
     options override a preset field by field; an unknown name is refused."""
     assert preset_config("paper") == TrainConfig()
     quick = preset_config("quick")
-    assert quick.optimizer == "adamw" and quick.base_lr == 0.25 and quick.batch_size == 32
+    assert quick.optimizer == "adamw" and quick.base_lr == 0.1 and quick.batch_size == 32
     assert quick.warmup_epochs == 1 and 6 <= quick.epochs <= 10 and quick != TrainConfig()
     mixed = preset_config("quick", base_lr=0.1, epochs=2)
     assert (mixed.base_lr, mixed.epochs, mixed.optimizer) == (0.1, 2, "adamw")
