@@ -180,11 +180,11 @@ def start_registry(env: dict[str, str], port: int, logfile: Path) -> subprocess.
 
 def test_items(task: str, n: int) -> list[tuple[bytes, int]]:
     """Held-out test images (never seen in training or validation) with their labels."""
-    from training.synthetic.minivtab import generate, max_test_images
+    from training.synthetic.minivtab import max_test_images, mini_vtab
 
-    n = max_test_images(task, n)  # faces has 50
-    images, labels = generate(task, seed=0, n_test=n)
-    return [(png_bytes(images[-n + i]), int(labels[-n + i])) for i in range(n)]
+    test = mini_vtab(task, seed=0, n_test=max_test_images(task, n)).test  # faces has 50
+    assert test is not None
+    return [(png_bytes(test.images[i]), int(test.labels[i])) for i in range(len(test))]
 
 
 async def send_stream(
