@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from e2vpt.core.backbone import Backbone  # noqa: E402
 from e2vpt.core.model import PromptedViT, TaskBatch  # noqa: E402
@@ -212,9 +213,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
                     pr.retrain.val_acc,
                     pr.retrain.test_acc,
                 )
-            _write(
-                rows, diverged, cfg, out, time.perf_counter() - t_start, meta
-            )  # partial results survive
+            _write(rows, diverged, cfg, out, time.perf_counter() - t_start, meta)  # partial results survive
     return _write(rows, diverged, cfg, out, time.perf_counter() - t_start, meta)
 
 
@@ -401,6 +400,7 @@ def _plot(summary, tasks, path: Path) -> None:
             s["mean_tuned_percent"], s["mean_test_acc"], yerr=s["sd_test_acc"], fmt="o", capsize=3, label=m
         )
     ax2.set_xscale("log")
+    ax2.xaxis.set_minor_formatter(NullFormatter())  # decade labels only (minor ones overlap)
     ax2.set(
         xlabel="tuned parameters (% of the backbone, log)",
         ylabel="mean test accuracy (%)",
