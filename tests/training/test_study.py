@@ -5,28 +5,34 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 
 from tests.helpers import tiny_backbone
 from training.study import StudyConfig, merge_studies, run_study, summarize
 
+# one generated task, a few images, one epoch, small prompts: seconds on a tiny backbone
+TINY_STUDY = StudyConfig(
+    tasks=("orientation",),
+    n_train=32,
+    n_val=16,
+    n_test=16,
+    epochs=1,
+    warmup_epochs=0,
+    batch_size=16,
+    optimizer="adamw",
+    base_lr=0.1,
+    num_prompts=4,
+    num_kv=2,
+    num_segments=4,
+)
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    cfg = StudyConfig(
-        tasks=("orientation",),
-        n_train=32,
-        n_val=16,
-        n_test=16,
-        epochs=1,
-        warmup_epochs=0,
-        batch_size=16,
-        optimizer="adamw",
-        base_lr=0.1,
-        num_prompts=4,
-        num_kv=2,
-        num_segments=4,
+    cfg = replace(
+        TINY_STUDY,
         rewind_epochs=1,
         segment_layouts=("contiguous", "strided"),
         full_finetune=True,
@@ -82,21 +88,7 @@ def test_files_for_readers(study) -> None:
 def test_diverged_runs_are_reported_not_averaged(tmp_path) -> None:
     """SGD at an absurd lr: every run is stopped by the trainer's divergence check; the study records
     each one (no pruning of a diverged e2vpt run), averages none, and says so in results.md."""
-    cfg = StudyConfig(
-        tasks=("orientation",),
-        n_train=32,
-        n_val=16,
-        n_test=16,
-        epochs=2,
-        warmup_epochs=0,
-        batch_size=16,
-        optimizer="sgd",
-        base_lr=1e6,
-        num_prompts=4,
-        num_kv=2,
-        num_segments=4,
-        seeds=(0,),
-    )
+    cfg = replace(TINY_STUDY, epochs=2, optimizer="sgd", base_lr=1e6, seeds=(0,))
     data = run_study(cfg, tmp_path, tiny_backbone(global_pool="avg"))
     diverged = {(d["task"], d["method"], d["seed"]) for d in data["diverged"]}
     completed = {(r["task"], r["method"], r["seed"]) for r in data["rows"]}
