@@ -262,6 +262,8 @@ def _prune(backbone: Backbone, splits, trained: TrainResult, init: PromptSet, cf
 
 
 def _row(task, method, seed, val_acc, test_acc, ps: PromptSet, res, model, x_time) -> dict[str, Any]:
+    full = method == "full"  # the whole backbone is tuned: no prompt set to serve or count
+    tuned = res.tuned_params if full else ps.num_parameters
     return {
         "task": task,
         "group": TASK_GROUPS[task],
@@ -269,11 +271,11 @@ def _row(task, method, seed, val_acc, test_acc, ps: PromptSet, res, model, x_tim
         "seed": seed,
         "val_acc": val_acc,
         "test_acc": test_acc,
-        "tuned_params": ps.num_parameters if method != "full" else res.tuned_params,
-        "tuned_percent": 100.0 * (ps.num_parameters if method != "full" else res.tuned_params) / res.backbone_params,
+        "tuned_params": tuned,
+        "tuned_percent": 100.0 * tuned / res.backbone_params,
         "tokens_kept": ps.num_prompts,
         "kv_tokens": ps.num_kv,
-        "ms_per_image": time_per_image(model, ps, x_time) if method != "full" else None,
+        "ms_per_image": None if full else time_per_image(model, ps, x_time),
         "train_seconds": res.train_seconds,
     }  # fmt: skip
 
