@@ -218,27 +218,42 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
 
 
 def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """One study from several runs of the same config over different seeds (e.g. one process per seed, so
-    every core trains): rows and diverged runs joined, seeds joined, seconds summed (CPU-bound processes
-    in parallel: the sum is the one-process cost, the wall time was shorter)."""
+    """One study from several runs of the same config over different seeds or tasks (e.g. one process per
+    seed, so every core trains; or the tasks a cut-short study did not reach): rows and diverged runs
+    joined, seeds and tasks joined, seconds summed (CPU-bound processes in parallel: the sum is the
+    one-process cost, the wall time was shorter). A (task, method, seed) run found in two parts is refused."""
     import json
 
     datas = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
     first = datas[0]
+    joined = ("seeds", "tasks")
     for d in datas[1:]:
-        same = {k: v for k, v in d["config"].items() if k != "seeds"} == {
-            k: v for k, v in first["config"].items() if k != "seeds"
+        same = {k: v for k, v in d["config"].items() if k not in joined} == {
+            k: v for k, v in first["config"].items() if k not in joined
         }
         if not same or d["fingerprint"] != first["fingerprint"]:
-            raise ValueError("studies to merge must share the config (seeds aside) and the backbone")
-    config = {**first["config"], "seeds": sorted({s for d in datas for s in d["config"]["seeds"]})}
+            raise ValueError(
+                "studies to merge must share the config (seeds and tasks aside) and the backbone"
+            )
+    seen: set[tuple[str, str, int]] = set()
+    for d in datas:
+        for r in [*d["rows"], *d.get("diverged", [])]:
+            key = (r["task"], r["method"], r["seed"])
+            if key in seen:
+                raise ValueError(f"run {key} is in more than one study to merge")
+            seen.add(key)
+    tasks = list(dict.fromkeys(t for d in datas for t in d["config"]["tasks"]))
+    seeds = sorted({s for d in datas for s in d["config"]["seeds"]})
+    config = {**first["config"], "seeds": seeds, "tasks": tasks}
     cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     rows = sorted(
         (r for d in datas for r in d["rows"]), key=lambda r: (r["seed"], cfg.tasks.index(r["task"]))
     )
     diverged = [x for d in datas for x in d.get("diverged", [])]
     meta = {k: first[k] for k in ("backbone", "fingerprint", "img_size", "torch_threads")}
-    meta["merged_from"] = [str(p) for p in parts]
+    meta["merged_from"] = [
+        m for d, p in zip(datas, parts, strict=True) for m in d.get("merged_from", [str(p)])
+    ]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _write(rows, diverged, cfg, out, sum(d["seconds"] for d in datas), meta)
@@ -350,7 +365,7 @@ def _markdown(summary, diverged, tasks, cfg: StudyConfig, seconds: float, meta: 
         f"{cfg.n_val} val / up to {cfg.n_test} test; {cfg.epochs} epochs {cfg.optimizer} base lr {cfg.base_lr}; "
         f"seeds {seeds}; {seconds / 60:.1f} min"
         + (
-            f", summed over {len(meta['merged_from'])} processes run side by side)"
+            f" of CPU, summed over the {len(meta['merged_from'])} processes that ran it)"
             if "merged_from" in meta
             else ")"
         ),
@@ -394,7 +409,8 @@ def _plot(summary, tasks, path: Path) -> None:
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=m)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks) + 1)], [*tasks, "mean"], rotation=15)
     ax.set(ylabel="test accuracy (%)", title="test accuracy per task (mean ± sd over seeds)")
-    ax.legend(fontsize=8)
+    if methods:  # every run diverged: nothing to label
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     for m in methods:
         s = summary[m]
@@ -409,5 +425,6 @@ def _plot(summary, tasks, path: Path) -> None:
         title="accuracy vs parameters",
     )
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
+    if methods:
+        ax2.legend(fontsize=7)
     save_figure(fig, path)

@@ -33,6 +33,7 @@ TINY_STUDY = StudyConfig(
 def study(tmp_path_factory):
     cfg = replace(
         TINY_STUDY,
+        tasks=("orientation", "position"),
         rewind_epochs=1,
         segment_layouts=("contiguous", "strided"),
         full_finetune=True,
@@ -46,7 +47,7 @@ def test_every_run_is_recorded(study) -> None:
     cfg, _, data = study
     got = {(r["task"], r["method"], r["seed"]) for r in data["rows"]}
     methods = ("linear", "vpt-deep", "e2vpt", "full", "e2vpt-pruned", "e2vpt-pruned-strided")
-    assert got == {("orientation", m, s) for m in methods for s in cfg.seeds}
+    assert got == {(t, m, s) for t in cfg.tasks for m in methods for s in cfg.seeds}
     pruned = [r for r in data["rows"] if r["method"].startswith("e2vpt-pruned")]
     assert all(r["tokens_kept"] == 2 for r in pruned)  # half of P = 4 pruned and compacted
     assert data["config"]["optimizer"] == "adamw"
@@ -57,11 +58,16 @@ def test_every_run_is_recorded(study) -> None:
 def test_mean_and_spread_over_seeds(study) -> None:
     _, _, data = study
     for method, s in data["summary"].items():
-        accs = [r["test_acc"] for r in data["rows"] if r["method"] == method]
+        seed_means = [
+            statistics.mean(
+                r["test_acc"] for r in data["rows"] if r["method"] == method and r["seed"] == seed
+            )
+            for seed in (0, 1)
+        ]
         assert s["seeds"] == 2
-        assert s["mean_test_acc"] == pytest.approx(statistics.mean(accs))
-        assert s["sd_test_acc"] == pytest.approx(statistics.stdev(accs))
-        assert s["per_task"]["orientation"]["n"] == 2
+        assert s["mean_test_acc"] == pytest.approx(statistics.mean(seed_means))
+        assert s["sd_test_acc"] == pytest.approx(statistics.stdev(seed_means))
+        assert s["per_task"]["orientation"]["n"] == s["per_task"]["position"]["n"] == 2
 
 
 def test_overall_spread_is_over_seed_means() -> None:
@@ -112,7 +118,18 @@ def test_studies_of_single_seeds_merge_into_one(study, tmp_path) -> None:
     merged = merge_studies(parts, tmp_path / "merged")
     assert json.dumps(merged["summary"], sort_keys=True) == json.dumps(data["summary"], sort_keys=True)
     assert list(merged["config"]["seeds"]) == [0, 1]
-    assert "summed over 2 processes" in (tmp_path / "merged" / "results.md").read_text()
+    assert "summed over the 2 processes" in (tmp_path / "merged" / "results.md").read_text()
+    # a study that stopped before its last task, joined with a run of that task alone
+    first, rest = (tmp_path / "first", tmp_path / "rest")
+    for part, keep in ((first, data["config"]["tasks"][:-1]), (rest, data["config"]["tasks"][-1:])):
+        part.mkdir()
+        mine = {**data, "rows": [r for r in data["rows"] if r["task"] in keep], "diverged": []}
+        mine["config"] = {**data["config"], "tasks": keep}
+        (part / "results.json").write_text(json.dumps(mine))
+    joined = merge_studies([first, rest], tmp_path / "joined")
+    assert json.dumps(joined["summary"], sort_keys=True) == json.dumps(data["summary"], sort_keys=True)
+    with pytest.raises(ValueError, match="more than one study"):
+        merge_studies([first, first], tmp_path / "twice")
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.json").write_text(json.dumps({**data, "config": {**data["config"], "epochs": 9}}))
