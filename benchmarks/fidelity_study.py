@@ -25,7 +25,7 @@ from pathlib import Path
 from e2vpt.core.backbone import load_backbone
 from e2vpt.core.method import SEGMENT_LAYOUTS
 from e2vpt.core.pretrained import DEFAULT_IMG_SIZE, PRETRAINED_ALIAS, pretrained_or_fallback
-from training.study import StudyConfig, merge_studies, run_study
+from training.study import METHODS, PRUNED, StudyConfig, merge_studies, run_study
 from training.synthetic.minivtab import REAL_SUITE, TASKS
 from training.synthetic.upstream import ensure_upstream, load_upstream
 from training.trainer import OPTIMIZERS
@@ -67,9 +67,17 @@ def main() -> None:
         type=names,
         help=f"segment layouts to prune with ({','.join(SEGMENT_LAYOUTS)}; default contiguous)",
     )
+    p.add_argument(
+        "--methods",
+        type=names,
+        help=f"comma-separated, of {','.join(METHODS)} (default: all but full; {PRUNED} needs e2vpt)",
+    )
     p.add_argument("--full-finetune", action="store_true", help="also fine-tune the whole backbone (slow)")
     p.add_argument(
-        "--merge", nargs="+", metavar="DIR", help="join finished studies (one per seed) into --out"
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="join finished studies (other seeds, tasks or methods, same training budget) into --out",
     )
     args = p.parse_args()
     if args.merge:
@@ -92,8 +100,10 @@ def main() -> None:
         "n_train": args.n_train,
         "n_test": args.n_test,
         "segment_layouts": args.layouts,
-        "full_finetune": args.full_finetune or None,
     }
+    if args.methods or args.full_finetune:
+        asked = (*(args.methods or cfg.methods), *(["full"] if args.full_finetune else []))
+        overrides["methods"] = tuple(dict.fromkeys(asked))
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = pretrained_or_fallback(args.img_size) if args.pretrained else None  # None: says why, if asked
     backbone = load_backbone(checkpoint=ckpt) if ckpt else load_upstream(ensure_upstream(args.upstream))

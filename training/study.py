@@ -37,8 +37,9 @@ from training.synthetic.upstream import load_upstream  # noqa: E402
 from training.trainer import PRESETS, TrainConfig, TrainResult, initial_prompt_set, train  # noqa: E402
 
 log = logging.getLogger(__name__)
-TRAINED = ("linear", "vpt-deep", "e2vpt", "full")  # methods trained from scratch (full: only when asked)
-METHODS = ("linear", "vpt-deep", "e2vpt", "e2vpt-pruned")
+TRAINED = ("linear", "vpt-deep", "e2vpt", "full")  # methods trained from scratch
+PRUNED = "e2vpt-pruned"  # pruned and rewound from the e2vpt run, once per segment layout
+METHODS = (*TRAINED, PRUNED)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,16 @@ class StudyConfig:
     rewind: str = "rewind"
     rewind_epochs: int | None = None  # None: as many as training
     segment_layouts: tuple[str, ...] = ("contiguous",)
-    full_finetune: bool = False
+    methods: tuple[str, ...] = ("linear", "vpt-deep", "e2vpt", PRUNED)  # of METHODS ("full": slow)
     seeds: tuple[int, ...] = (0,)
     data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+        if PRUNED in self.methods and "e2vpt" not in self.methods:
+            raise ValueError(f"{PRUNED} prunes the e2vpt run: add e2vpt to the methods")
 
     @classmethod
     def quick(cls) -> StudyConfig:
@@ -147,7 +155,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
     out.mkdir(parents=True, exist_ok=True)
     backbone = backbone or load_upstream()
     model = PromptedViT(backbone)
-    methods = [m for m in TRAINED if m != "full" or cfg.full_finetune]
+    methods = [m for m in TRAINED if m in cfg.methods]
     meta = {
         "backbone": backbone.info.name,
         "fingerprint": backbone.info.fingerprint,
@@ -194,7 +202,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
                 log.info("%s %s seed %d: val %.2f test %.2f", task, method, seed, res.val_acc, res.test_acc)
                 if method == "e2vpt":
                     e2vpt = (res, init)
-            for layout in cfg.segment_layouts if e2vpt is not None else ():
+            for layout in cfg.segment_layouts if e2vpt is not None and PRUNED in cfg.methods else ():
                 name = pruned_name(layout)
                 try:
                     pr = _prune(backbone, splits, *e2vpt, cfg, layout)
@@ -218,22 +226,23 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
 
 
 def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """One study from several runs of the same config over different seeds or tasks (e.g. one process per
-    seed, so every core trains; or the tasks a cut-short study did not reach): rows and diverged runs
-    joined, seeds and tasks joined, seconds summed (CPU-bound processes in parallel: the sum is the
+    """One study from several runs of the same training budget over different seeds, tasks or methods (e.g.
+    one process per seed, so every core trains; the tasks a cut-short study did not reach; full fine-tuning
+    run later): rows and diverged runs joined, seeds, tasks and methods joined, seconds summed (CPU-bound processes in parallel: the sum is the
     one-process cost, the wall time was shorter). A (task, method, seed) run found in two parts is refused."""
     import json
 
     datas = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
+    configs = [_config_json(d["config"]) for d in datas]
     first = datas[0]
-    joined = ("seeds", "tasks")
-    for d in datas[1:]:
-        same = {k: v for k, v in d["config"].items() if k not in joined} == {
-            k: v for k, v in first["config"].items() if k not in joined
+    joined = ("seeds", "tasks", "methods")  # which runs exist; the rest says how every run trains
+    for d, c in zip(datas[1:], configs[1:], strict=True):
+        same = {k: v for k, v in c.items() if k not in joined} == {
+            k: v for k, v in configs[0].items() if k not in joined
         }
         if not same or d["fingerprint"] != first["fingerprint"]:
             raise ValueError(
-                "studies to merge must share the config (seeds and tasks aside) and the backbone"
+                "studies to merge must share the config (seeds, tasks and methods aside) and the backbone"
             )
     seen: set[tuple[str, str, int]] = set()
     for d in datas:
@@ -242,9 +251,10 @@ def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any
             if key in seen:
                 raise ValueError(f"run {key} is in more than one study to merge")
             seen.add(key)
-    tasks = list(dict.fromkeys(t for d in datas for t in d["config"]["tasks"]))
-    seeds = sorted({s for d in datas for s in d["config"]["seeds"]})
-    config = {**first["config"], "seeds": seeds, "tasks": tasks}
+    tasks = list(dict.fromkeys(t for c in configs for t in c["tasks"]))
+    seeds = sorted({s for c in configs for s in c["seeds"]})
+    methods = [m for m in METHODS if any(m in c["methods"] for c in configs)]
+    config = {**configs[0], "seeds": seeds, "tasks": tasks, "methods": methods}
     cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     rows = sorted(
         (r for d in datas for r in d["rows"]), key=lambda r: (r["seed"], cfg.tasks.index(r["task"]))
@@ -257,6 +267,15 @@ def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _write(rows, diverged, cfg, out, sum(d["seconds"] for d in datas), meta)
+
+
+def _config_json(config: dict[str, Any]) -> dict[str, Any]:
+    """A study's config as saved, in today's fields (results written before `methods` had `full_finetune`)."""
+    config = dict(config)
+    if "methods" not in config:
+        full = config.pop("full_finetune", False)
+        config["methods"] = [*StudyConfig.methods, *(["full"] if full else [])]
+    return config
 
 
 def _prune(backbone: Backbone, splits, trained: TrainResult, init: PromptSet, cfg: StudyConfig, layout: str):

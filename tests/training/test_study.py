@@ -36,7 +36,7 @@ def study(tmp_path_factory):
         tasks=("orientation", "position"),
         rewind_epochs=1,
         segment_layouts=("contiguous", "strided"),
-        full_finetune=True,
+        methods=(*StudyConfig.methods, "full"),
         seeds=(0, 1),
     )
     out = tmp_path_factory.mktemp("study")
@@ -91,6 +91,13 @@ def test_files_for_readers(study) -> None:
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_methods_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown methods"):
+        replace(TINY_STUDY, methods=("linear", "lora"))
+    with pytest.raises(ValueError, match="add e2vpt"):
+        replace(TINY_STUDY, methods=("linear", "e2vpt-pruned"))
+
+
 def test_diverged_runs_are_reported_not_averaged(tmp_path) -> None:
     """SGD at an absurd lr: every run is stopped by the trainer's divergence check; the study records
     each one (no pruning of a diverged e2vpt run), averages none, and says so in results.md."""
@@ -130,6 +137,17 @@ def test_studies_of_single_seeds_merge_into_one(study, tmp_path) -> None:
     assert json.dumps(joined["summary"], sort_keys=True) == json.dumps(data["summary"], sort_keys=True)
     with pytest.raises(ValueError, match="more than one study"):
         merge_studies([first, first], tmp_path / "twice")
+    # full fine-tuning run on its own later, joined with a study saved before `methods` existed
+    legacy, full = (tmp_path / "legacy", tmp_path / "full")
+    for part, keep in ((legacy, StudyConfig.methods), (full, ("full",))):
+        part.mkdir()
+        rows = [r for r in data["rows"] if r["method"].startswith(keep)]
+        config = {k: v for k, v in data["config"].items() if k != "methods"}
+        config = {**config, "full_finetune": False} if part == legacy else {**config, "methods": list(keep)}
+        (part / "results.json").write_text(json.dumps({**data, "rows": rows, "config": config}))
+    joined = merge_studies([legacy, full], tmp_path / "joined-methods")
+    assert json.dumps(joined["summary"], sort_keys=True) == json.dumps(data["summary"], sort_keys=True)
+    assert list(joined["config"]["methods"]) == ["linear", "vpt-deep", "e2vpt", "full", "e2vpt-pruned"]
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.json").write_text(json.dumps({**data, "config": {**data["config"], "epochs": 9}}))
