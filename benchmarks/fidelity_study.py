@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--rewind-epochs", type=int)
     p.add_argument("--lr", type=float, help="base lr for every method")
+    p.add_argument("--full-lr", type=float, help="base lr of full fine-tuning (default 0.001)")
     p.add_argument("--wd", type=float, help="weight decay for every method")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--n-train", type=int)
@@ -95,6 +96,7 @@ def main() -> None:
         "epochs": args.epochs,
         "rewind_epochs": args.rewind_epochs,
         "base_lr": args.lr,
+        "full_base_lr": args.full_lr,
         "weight_decay": args.wd,
         "optimizer": args.optimizer,
         "n_train": args.n_train,

@@ -53,6 +53,8 @@ class StudyConfig:
     batch_size: int = 64
     optimizer: str = "sgd"
     base_lr: float = 0.5
+    # full fine-tuning moves pretrained weights, not fresh prompts: its own (much smaller) lr
+    full_base_lr: float = 0.001
     weight_decay: float = 1e-4
     num_prompts: int = 10
     num_kv: int = 5
@@ -122,7 +124,7 @@ class StudyConfig:
             warmup_epochs=self.warmup_epochs,
             batch_size=self.batch_size,
             optimizer=self.optimizer,
-            base_lr=self.base_lr,
+            base_lr=self.full_base_lr if method == "full" else self.base_lr,
             weight_decay=self.weight_decay,
             num_prompts=self.num_prompts,
             num_kv=self.num_kv,
@@ -270,8 +272,9 @@ def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any
 
 
 def _config_json(config: dict[str, Any]) -> dict[str, Any]:
-    """A study's config as saved, in today's fields (results written before `methods` had `full_finetune`)."""
-    config = dict(config)
+    """A study's config as saved, in today's fields (results saved before `methods` and `full_base_lr` existed
+    had `full_finetune`, and the default lr)."""
+    config = {"full_base_lr": StudyConfig.full_base_lr, **config}
     if "methods" not in config:
         full = config.pop("full_finetune", False)
         config["methods"] = [*StudyConfig.methods, *(["full"] if full else [])]
@@ -381,8 +384,9 @@ def _markdown(summary, diverged, tasks, cfg: StudyConfig, seconds: float, meta: 
     seeds = ", ".join(map(str, cfg.seeds))
     lines = [
         f"# Fidelity study ({meta['backbone']} at {meta['img_size'][0]} px; {cfg.n_train} train / "
-        f"{cfg.n_val} val / up to {cfg.n_test} test; {cfg.epochs} epochs {cfg.optimizer} base lr {cfg.base_lr}; "
-        f"seeds {seeds}; {seconds / 60:.1f} min"
+        f"{cfg.n_val} val / up to {cfg.n_test} test; {cfg.epochs} epochs {cfg.optimizer} base lr {cfg.base_lr}"
+        + (f" (full fine-tuning {cfg.full_base_lr})" if "full" in cfg.methods else "")
+        + f"; seeds {seeds}; {seconds / 60:.1f} min"
         + (
             f" of CPU, summed over the {len(meta['merged_from'])} processes that ran it)"
             if "merged_from" in meta

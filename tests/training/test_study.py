@@ -91,7 +91,9 @@ def test_files_for_readers(study) -> None:
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_methods_are_checked() -> None:
+def test_methods_are_checked_and_full_has_its_own_lr() -> None:
+    cfg = replace(TINY_STUDY, base_lr=0.1, full_base_lr=0.002)
+    assert cfg.train_config("full", 0).base_lr == 0.002 and cfg.train_config("e2vpt", 0).base_lr == 0.1
     with pytest.raises(ValueError, match="unknown methods"):
         replace(TINY_STUDY, methods=("linear", "lora"))
     with pytest.raises(ValueError, match="add e2vpt"):
