@@ -127,7 +127,7 @@ def test_studies_of_single_seeds_merge_into_one(study, tmp_path) -> None:
     merged = merge_studies(parts, tmp_path / "merged")
     assert json.dumps(merged["summary"], sort_keys=True) == json.dumps(data["summary"], sort_keys=True)
     assert list(merged["config"]["seeds"]) == [0, 1]
-    assert "summed over the 2 processes" in (tmp_path / "merged" / "results.md").read_text()
+    assert "the 2 processes that ran it, summed" in (tmp_path / "merged" / "results.md").read_text()
     # a study that stopped before its last task, joined with a run of that task alone
     first, rest = (tmp_path / "first", tmp_path / "rest")
     for part, keep in ((first, data["config"]["tasks"][:-1]), (rest, data["config"]["tasks"][-1:])):
