@@ -231,8 +231,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Backbone | None =
 def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """One study from several runs of the same training budget over different seeds, tasks or methods (e.g.
     one process per seed, so every core trains; the tasks a cut-short study did not reach; full fine-tuning
-    run later): rows and diverged runs joined, seeds, tasks and methods joined, seconds summed (CPU-bound processes in parallel: the sum is the
-    one-process cost, the wall time was shorter). A (task, method, seed) run found in two parts is refused."""
+    run later): rows and diverged runs joined, seeds, tasks and methods joined, seconds summed (CPU-bound
+    processes in parallel: the sum is the one-process cost, the wall time was shorter). A (task, method,
+    seed) run found in two parts is refused."""
     import json
 
     datas = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
@@ -273,8 +274,8 @@ def merge_studies(parts: list[str | Path], out_dir: str | Path) -> dict[str, Any
 
 
 def _config_json(config: dict[str, Any]) -> dict[str, Any]:
-    """A study's config as saved, in today's fields (results saved before `methods` and `full_base_lr` existed
-    had `full_finetune`, and the default lr)."""
+    """A study's config as saved, in today's fields (results saved before `methods` and `full_base_lr`
+    existed had `full_finetune`, and the default lr)."""
     config = {"full_base_lr": StudyConfig.full_base_lr, **config}
     if "methods" not in config:
         full = config.pop("full_finetune", False)
