@@ -13,9 +13,13 @@ Sections (each recorded in the JSON, or skipped with its reason):
 - compile: the torch backend with torch.compile (settings torch_compile / torch_compile_mode) vs eager.
 - engine: `MultiTaskEngine.predict` end to end from 640x480 JPEG bytes, real Redis `PromptStore` with 100
   registered tasks, each batch's items spread uniformly over them.
+- stages: where one engine's time goes at B = 64 (torch.profiler over the engine's stage ranges: host ms
+  per call, and device ms on CUDA).
 - http: TorchServe (the product's .mar) with 100 tasks at concurrency 64, where Java and TorchServe exist.
 - ceiling: TorchServe with a handler whose engine does no work (benchmarks/ts_null_handler.py, its own
   .mar, the same adapter parsing): the front end's own requests/s at concurrency 64.
+- worker: the Python half of that ceiling without Java (runs wherever TorchServe's Python package is):
+  one worker's message decoding, handler (null engine) and response encoding per batch, requests/s.
 
 Each measured variant is one small function (`v_*`, `assemble`, `prompted_forward`), so that a new
 attention path, prompt table or image pipeline is measured by pointing one function at it.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -64,7 +69,7 @@ from e2vpt.serving.table import PromptTable, TableBatch, TableSlot  # noqa: E402
 NUM_TASKS = 100  # registered in Redis for the engine and HTTP sections
 MIXED_TASKS = 64  # distinct tasks in a mixed batch
 NULL_HANDLER = ROOT / "benchmarks" / "ts_null_handler.py"
-SECTIONS = ("model", "assembly", "engine", "compile", "http", "ceiling")
+SECTIONS = ("model", "assembly", "engine", "stages", "compile", "http", "ceiling", "worker")
 _DEADLINE = [float("inf")]  # time.monotonic() after which optional sub-steps are skipped (--budget-s)
 
 
@@ -376,6 +381,12 @@ def register_tasks(store: Any, bb: Backbone, n: int) -> list[str]:
     return tasks
 
 
+def warm_engine(engine: Any, tasks: list[str], jpegs: list[bytes]) -> None:
+    """Every task resident (cold loads are not the engine sections' subject)."""
+    for i in range(0, len(tasks), 64):
+        engine.predict([RequestItem(t, jpegs[0]) for t in tasks[i : i + 64]])
+
+
 def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes], prof: Profile,
                    settings: Settings) -> list[dict]:  # fmt: skip
     from e2vpt.serving.engine import MultiTaskEngine
@@ -384,8 +395,7 @@ def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
     rng = np.random.default_rng(0)
     rows = []
     try:
-        for i in range(0, len(tasks), 64):  # every task resident (cold loads are not this section's subject)
-            engine.predict([RequestItem(t, jpegs[0]) for t in tasks[i : i + 64]])
+        warm_engine(engine, tasks, jpegs)
         for B in prof.engine_batches:
 
             def batch(n: int = B) -> list[RequestItem]:  # noqa: E306
@@ -410,6 +420,58 @@ def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
         print_rows("engine", rows[-1:])
     finally:
         engine.close()
+    return rows
+
+
+def section_stages(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes], settings: Settings,
+                   B: int = 64, calls: int = 10) -> list[dict]:  # fmt: skip
+    """Where one engine's time goes at batch B: `calls` predict() calls under torch.profiler, per stage
+    (`engine.STAGES`, the engine's record_function ranges): host ms per call (the time the calling thread
+    spends in the stage, waits for the device included: `e2vpt.head` holds the wait for the forward's
+    kernels) and, on CUDA, device ms per call (kernels launched inside the stage). The last row is the
+    whole call and what lies outside every stage."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from e2vpt.serving.engine import STAGES, MultiTaskEngine
+
+    engine = MultiTaskEngine(bb, store, settings)
+    rng = np.random.default_rng(1)
+    batches = [[RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
+                for _ in range(B)] for _ in range(calls)]  # fmt: skip
+    activities = [ProfilerActivity.CPU]
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    try:
+        warm_engine(engine, tasks, jpegs)
+        engine.predict(batches[0])
+        with torch_profile(activities=activities) as p:
+            t0 = time.perf_counter()
+            for items in batches:
+                engine.predict(items)
+            if cuda:
+                torch.cuda.synchronize(engine.device)
+            wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+    finally:
+        engine.close()
+    events = {e.key: e for e in p.key_averages() if e.key in STAGES}
+    rows = []
+    for name in STAGES:
+        e = events.get(name)
+        host = e.cpu_time_total / 1e3 / calls if e is not None else 0.0
+        row = {"stage": name, "B": B, "host_ms": host, "share": host / wall_ms}
+        if cuda:
+            row["device_ms"] = (
+                getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) / 1e3 / calls
+                if e
+                else 0.0
+            )
+        rows.append(row)
+    inside = sum(r["host_ms"] for r in rows)
+    rows.append({"stage": "predict (whole call)", "B": B, "host_ms": wall_ms, "share": 1.0,
+                 "outside_stages_ms": wall_ms - inside, "calls": calls})  # fmt: skip
+    print_rows(f"stages (one engine, B = {B}, per call)", rows)
     return rows
 
 
@@ -632,6 +694,99 @@ def section_ceiling(tmp: Path, tasks: list[str], jpegs: list[bytes], prof: Profi
     return rows
 
 
+class _MessageReader:
+    """A socket's recv() over one message in memory: the worker reads it as it reads TorchServe's socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self.view, self.pos = memoryview(data), 0
+
+    def recv(self, n: int) -> bytes:
+        chunk = self.view[self.pos : self.pos + n].tobytes()
+        self.pos += len(chunk)
+        return chunk
+
+
+def otf_predict_message(bodies: Sequence[bytes], tasks: Sequence[str], token: str = "") -> bytes:
+    """One batch as TorchServe's Java front end writes it to a worker (the frame format that
+    `ts.protocol.otf_message_handler.retrieve_msg` reads): per request an id, the HTTP headers and the raw
+    body as parameter "body"."""
+    import struct
+
+    def field(b: bytes) -> bytes:
+        return struct.pack("!i", len(b)) + b
+
+    end = struct.pack("!i", -1)
+    msg = bytearray(b"I")
+    for body, task in zip(bodies, tasks, strict=True):
+        msg += field(uuid.uuid4().hex.encode())
+        headers = {"Host": "127.0.0.1:8080", "User-Agent": "bench_gpu", "Accept": "*/*",
+                   "Content-Type": "image/jpeg", "Content-Length": str(len(body)), "X-Task-Id": task}  # fmt: skip
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        for k, v in headers.items():
+            msg += field(k.encode()) + field(v.encode())
+        msg += end
+        msg += field(b"body") + field(b"image/jpeg") + field(body) + end
+    msg += end
+    return bytes(msg)
+
+
+def section_worker(tasks: list[str], jpegs: list[bytes], prof: Profile, batches: Sequence[int] = (1, 8, 64)
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+    """The Python half of TorchServe's ceiling, without Java: one worker process's own work per batch,
+    in this process, from the bytes the front end sends (`otf_predict_message`) to the bytes it answers:
+    TorchServe's message decoding (`retrieve_msg`), its `Service.predict` around the handler (the null
+    handler: the adapter's parsing and responses, an engine that does no work) and its response encoding.
+    Socket copies and the Java front end are not in it. requests/s of one worker, and us per request by part."""
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from ts.protocol.otf_message_handler import retrieve_msg
+    from ts.service import Service
+
+    sys.path.insert(0, str(NULL_HANDLER.parent))
+    from ts_null_handler import NullHandler
+
+    cache = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    cache.initialize_cache()
+    handler = NullHandler()
+    handler_s = [0.0]
+
+    def entry(data: list[dict[str, Any]], context: Any) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return handler.handle(data, context)
+        finally:
+            handler_s[0] += time.perf_counter() - t0
+
+    service = Service("null", str(NULL_HANDLER.parent), None, entry, None, max(batches), metrics_cache=cache)
+    service.set_cl_socket(None)
+    rng = np.random.default_rng(2)
+    rows: list[dict[str, Any]] = []
+    for B in batches:
+        picks = [
+            (tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))]) for _ in range(B)
+        ]
+        msg = otf_predict_message([j for _, j in picks], [t for t, _ in picks], token="t" * 32)
+        calls, retrieve_s, predict_s = 0, 0.0, 0.0
+        handler_s[0] = 0.0
+        t_end = time.perf_counter() + prof.engine_seconds
+        while calls < 5 or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            cmd, batch = retrieve_msg(_MessageReader(msg))
+            t1 = time.perf_counter()
+            resp = service.predict(batch)
+            t2 = time.perf_counter()
+            retrieve_s, predict_s, calls = retrieve_s + t1 - t0, predict_s + t2 - t1, calls + 1
+            if cmd != b"I" or len(batch) != B or not resp:
+                raise RuntimeError(f"the worker did not answer the batch of {B}")
+        per = 1e6 / (calls * B)
+        rows.append({"B": B, "calls": calls, "requests_per_s": calls * B / (retrieve_s + predict_s),
+                     "us_per_request": (retrieve_s + predict_s) * per, "decode_us": retrieve_s * per,
+                     "handler_us": handler_s[0] * per, "service_and_encode_us": (predict_s - handler_s[0]) * per})  # fmt: skip
+        print_rows("worker (TorchServe's Python side, null engine, one process)", rows[-1:])
+    return rows
+
+
 # ---------------------------------------------------------------------- output
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -714,6 +869,14 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         for c in (c for c in result["ceiling"] if "requests_per_s" in c):
             rows.append({"what": f"ceiling c={c['concurrency']} ({c['workers']}x{c['batch_size']}x"
                          f"{c['max_batch_delay_ms']})", "per_s": c["requests_per_s"], "ms": c["p50_ms"]})  # fmt: skip
+    if isinstance(result.get("stages"), list):
+        for r in result["stages"]:
+            rows.append({"what": f"stage {r['stage']}", "B": r["B"], "ms": r["host_ms"],
+                         "goal": f"device {r['device_ms']:.3g} ms" if "device_ms" in r else ""})  # fmt: skip
+    if isinstance(result.get("worker"), list):
+        for r in result["worker"]:
+            rows.append({"what": "worker (TorchServe Python side, null engine)", "B": r["B"],
+                         "ms": r["us_per_request"] * r["B"] / 1e3, "per_s": r["requests_per_s"]})  # fmt: skip
     cols = ["what", "B", "ms", "per_s", "x_bare", "goal"]
     return [{c: r.get(c, "") for c in cols} for r in rows]
 
@@ -831,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     run("assembly", lambda: section_assembly(bb, prof, device, dtype))
 
     tmp = Path(tempfile.mkdtemp(prefix="e2vpt-bench-gpu-"))
-    needs_redis = {"engine", "http"} & set(wanted)
+    needs_redis = {"engine", "stages", "http"} & set(wanted)
     store = local = None
     tasks = [f"task{i:03d}" for i in range(NUM_TASKS)]
     jpegs = [photo_jpeg(i) for i in range(32)]
@@ -849,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks = register_tasks(store, bb, NUM_TASKS)
             result["config"]["register_100_tasks_s"] = time.perf_counter() - t0
         run("engine", lambda: section_engine(bb, store, tasks, jpegs, prof, base))
+        run("stages", lambda: section_stages(bb, store, tasks, jpegs, base))
         run("compile", lambda: section_compile(bb, prof, device, dtype),
             None if prof.compile_modes else "no compile modes for this device (--compile-modes)")  # fmt: skip
         missing = torchserve_missing()
@@ -858,6 +1022,10 @@ def main(argv: list[str] | None = None) -> int:
         run("http", lambda: section_http(ckpt, tmp, redis_url, namespace, tasks, jpegs, prof, base,
                                          args.concurrency), missing)  # fmt: skip
         run("ceiling", lambda: section_ceiling(tmp, tasks, jpegs, prof, base, args.concurrency), missing)
+        no_ts = (
+            None if importlib.util.find_spec("ts") else "TorchServe's Python package (ts) is not installed"
+        )
+        run("worker", lambda: section_worker(tasks, jpegs, prof), no_ts)
     finally:
         if store is not None:
             store.drop_all()

@@ -10,6 +10,10 @@ Isolation: an unexpected exception while reading one item is that item's 500. Wh
 fails, every task is retried alone, so a task whose prompts break the forward fails only its own items
 (500, counted per task in `e2vpt_item_failures`). 503 means only "prompt store unavailable".
 
+Stages: each step of a call runs inside a `torch.profiler.record_function` range named in `STAGES`, so
+any profile of a serving process (`benchmarks/bench_gpu.py --only engine` on a GPU prints one) shows where
+a batch's time goes; outside a profiler a range costs a few microseconds.
+
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch.profiler import record_function as stage
 
 from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone, backbone_from_settings
@@ -36,6 +41,16 @@ from e2vpt.serving.pipeline import ImagePipeline
 
 log = logging.getLogger(__name__)
 
+# the profiler ranges of one predict() call, in order (a request's path through the engine)
+STAGES = (
+    "e2vpt.decode",  # image bytes -> uint8 pixels (nvjpeg / thread pool), headers and limits checked
+    "e2vpt.cache",  # each task's cached prompts (cold loads from the store)
+    "e2vpt.transform",  # each task's recipe: resize, crop, normalise
+    "e2vpt.assemble",  # the batch's prompts and heads gathered from the PromptTable
+    "e2vpt.forward",  # the backbone with per-image prompts
+    "e2vpt.head",  # per-task heads, softmax, top-k, back to the host (waits for the device)
+    "e2vpt.results",  # result objects and metrics
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Backend name -> "module:factory"; factories take (backbone, settings). Imported lazily, so a backend
 # written elsewhere (e2vpt/onnx_backend.py) plugs in by name without this module importing it.
@@ -178,16 +193,16 @@ class MultiTaskEngine:
         if self._limits[0] is not self.settings:  # settings may be swapped on a live engine
             self._limits = (self.settings, ImageLimits.from_settings(self.settings))
         images = [items[i].image for i, _, _ in valid]  # type: ignore[union-attr]
-        decoded = self.images.decode(images, self._limits[1])
+        with stage("e2vpt.decode"):
+            decoded = self.images.decode(images, self._limits[1])
         ready: list[BatchItem] = []  # decoded uint8 pixels
         for (i, task_id, k), img in zip(valid, decoded, strict=True):
             if isinstance(img, E2VPTError):
                 out[i] = img
             else:
                 ready.append(BatchItem(i, task_id, img, k))
-        resolved = self.cache.get_many(
-            item.task_id for item in ready
-        )  # holds each task's rows until returned
+        with stage("e2vpt.cache"):
+            resolved = self.cache.get_many(item.task_id for item in ready)
         pending: list[BatchItem] = []
         for item in ready:
             res = resolved[item.task_id]
@@ -197,7 +212,8 @@ class MultiTaskEngine:
                 pending.append(item)
         # each task's own preprocessing recipe: the pixels it was trained on
         recipes = [resolved[item.task_id].recipe for item in pending]  # type: ignore[union-attr]
-        inputs = self.images.transform([item.pixels for item in pending], recipes)
+        with stage("e2vpt.transform"):
+            inputs = self.images.transform([item.pixels for item in pending], recipes)
         good: list[BatchItem] = []  # normalised model inputs
         for item, x in zip(pending, inputs, strict=True):
             if isinstance(x, E2VPTError):
@@ -207,8 +223,19 @@ class MultiTaskEngine:
         tasks: list[str] = list(dict.fromkeys(item.task_id for item in good))
         if good:
             self._forward_isolated(good, resolved, out)  # type: ignore[arg-type]
-        elapsed = time.perf_counter() - t0
-        self.metrics.observe_batch(len(items), len(tasks))
+        with stage("e2vpt.results"):
+            return self._observe(items, out, resolved, len(tasks), time.perf_counter() - t0)
+
+    def _observe(
+        self,
+        items: Sequence[RequestItem | E2VPTError],
+        out: list[Result | E2VPTError | None],
+        resolved: dict[str, CachedPrompts | E2VPTError],
+        tasks: int,
+        elapsed: float,
+    ) -> list[Result | E2VPTError]:
+        """Each item's status and the batch's latency into the metrics; the final results."""
+        self.metrics.observe_batch(len(items), tasks)
         final: list[Result | E2VPTError] = []
         for item, res in zip(items, out, strict=True):
             assert res is not None
@@ -265,21 +292,26 @@ class MultiTaskEngine:
     def _forward(self, good: list[BatchItem], entries: list[CachedPrompts]) -> list[Result]:
         """One forward of `good`; entries[b] is item b's task. Prompts and heads come from the table."""
         t0 = time.perf_counter()
-        batch = self.cache.table.gather([e.slot for e in entries])
-        images = torch.stack([item.pixels for item in good]).to(device=self.device, dtype=self.dtype)
-        feats = self.backend.features(images, *batch.prompts)
-        logits = batch.logits(feats.to(self.device), fill=float("-inf")).float()  # [B, largest C]
-        probs = torch.softmax(logits, dim=1)  # padding is -inf: each row is its own task's softmax
-        k_max = min(max(item.top_k for item in good), batch.width)
-        idx = logits.topk(k_max, dim=1).indices  # on logits: padding (-inf) ranks below every class
-        scores = probs.gather(1, idx).tolist()
-        idx_list = idx.tolist()
+        with stage("e2vpt.assemble"):
+            batch = self.cache.table.gather([e.slot for e in entries])
+            images = torch.stack([item.pixels for item in good]).to(device=self.device, dtype=self.dtype)
+        with stage("e2vpt.forward"):
+            feats = self.backend.features(images, *batch.prompts)
+        with stage("e2vpt.head"):
+            logits = batch.logits(feats.to(self.device), fill=float("-inf")).float()  # [B, largest C]
+            probs = torch.softmax(logits, dim=1)  # padding is -inf: each row is its own task's softmax
+            k_max = min(max(item.top_k for item in good), batch.width)
+            idx = logits.topk(k_max, dim=1).indices  # on logits: padding (-inf) ranks below every class
+            scores = probs.gather(1, idx).tolist()
+            idx_list = idx.tolist()
         self.metrics.forward_seconds.observe(time.perf_counter() - t0)
-        results = []
-        for b, (item, entry) in enumerate(zip(good, entries, strict=True)):
-            n = min(item.top_k, len(entry.labels))
-            preds = [
-                Prediction(entry.labels[j], s) for s, j in zip(scores[b][:n], idx_list[b][:n], strict=True)
-            ]
-            results.append(Result(item.task_id, entry.version, preds))
+        with stage("e2vpt.results"):
+            results = []
+            for b, (item, entry) in enumerate(zip(good, entries, strict=True)):
+                n = min(item.top_k, len(entry.labels))
+                preds = [
+                    Prediction(entry.labels[j], s)
+                    for s, j in zip(scores[b][:n], idx_list[b][:n], strict=True)
+                ]
+                results.append(Result(item.task_id, entry.version, preds))
         return results

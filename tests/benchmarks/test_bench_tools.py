@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.cli_helpers import ROOT
 
 
@@ -44,3 +46,27 @@ def test_make_bench_runs_the_runner() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     assert "benchmarks/run_all.py" in recipe and (ROOT / "benchmarks" / "run_all.py").is_file()
+
+
+def test_worker_message_is_what_torchserve_reads() -> None:
+    """bench_gpu's `worker` section feeds a worker the frame format of TorchServe's front end: TorchServe's
+    own reader gets every request back (id, headers, body), and the worker answers each one."""
+    pytest.importorskip("ts")
+    from ts.protocol.otf_message_handler import retrieve_msg
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    bodies, tasks = [b"\xff\xd8 one", b"two" * 1000], ["task-a", "task-b"]
+    cmd, batch = retrieve_msg(bench_gpu._MessageReader(bench_gpu.otf_predict_message(bodies, tasks, "tok")))
+    assert cmd == b"I" and len(batch) == 2
+    for req, body, task in zip(batch, bodies, tasks, strict=True):
+        headers = {h["name"].decode(): h["value"].decode() for h in req["headers"]}
+        assert headers["X-Task-Id"] == task and headers["Authorization"] == "Bearer tok"
+        assert req["parameters"] == [{"name": "body", "contentType": "image/jpeg", "value": body}]
+    prof = bench_gpu.profile("cpu", True, (1, 8, 5), (1, 8, 5))
+    prof.engine_seconds = 0.05
+    rows = bench_gpu.section_worker(["task-a", "task-b"], bodies, prof, batches=(1, 4))
+    assert [r["B"] for r in rows] == [1, 4] and all(r["requests_per_s"] > 0 for r in rows)

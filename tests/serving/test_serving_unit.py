@@ -31,7 +31,7 @@ from e2vpt.errors import (
 )
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.cache import PromptCache
-from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
+from e2vpt.serving.engine import STAGES, MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.metrics import ServingMetrics, TaskLabeler
 from e2vpt.serving.requests import parse_request
 from e2vpt.torchserve.adapter import handle_batch
@@ -340,6 +340,22 @@ def test_engine_metrics_counts(backbone: Backbone, store: PromptStore) -> None:
     assert 'e2vpt_request_latency_seconds_bucket{le="0.0005",task="a"}' in text
     assert 'e2vpt_requests_total{status="404",task="unknown"} 1.0' in text
     assert "e2vpt_batch_size_count 2.0" in text and "e2vpt_cache_misses_total 2.0" in text
+
+
+def test_engine_stages_show_in_a_profile(
+    backbone: Backbone, store: PromptStore, engine: MultiTaskEngine
+) -> None:
+    """Every stage of a call is a named profiler range (what bench_gpu's `stages` section reads), and only
+    those of STAGES: a renamed or dropped range fails here, not silently in a GPU run."""
+    from torch.profiler import profile
+
+    store.register(make_set("a", backbone))
+    engine.predict([RequestItem("a", image_bytes(0))])
+    with profile() as p:
+        results = engine.predict([RequestItem("a", image_bytes(1)), RequestItem("a", image_bytes(2))])
+    assert all(isinstance(r, Result) for r in results)
+    seen = {e.key for e in p.key_averages() if e.key.startswith("e2vpt.")}
+    assert seen == set(STAGES)
 
 
 def test_settings_file_defaults_yield_to_env(monkeypatch: pytest.MonkeyPatch) -> None:
