@@ -83,6 +83,7 @@ class Profile:
     backbone: str
     model_batches: list[int]
     engine_batches: list[int]
+    engine_micro_batches: list[int]  # engine_micro_batch variants measured beside 0 (one forward per batch)
     warmup: int
     repeats: int
     engine_seconds: float  # per engine batch size (at least `engine_min_calls` calls)
@@ -98,6 +99,7 @@ def profile(device: str, quick: bool, gpu_ts: tuple[int, int, int], cpu_ts: tupl
             backbone="vit_base_patch16_224",
             model_batches=[64] if quick else [1, 64, 256],
             engine_batches=[1, 64] if quick else [1, 8, 64, 256],
+            engine_micro_batches=[32] if quick else [16, 32, 64],
             warmup=5,
             repeats=20 if quick else 40,
             engine_seconds=1.0 if quick else 2.0,
@@ -110,6 +112,7 @@ def profile(device: str, quick: bool, gpu_ts: tuple[int, int, int], cpu_ts: tupl
         backbone="vit_tiny_patch16_224",
         model_batches=[1, 8] if quick else [1, 8, 64],
         engine_batches=[1, 8] if quick else [1, 8, 64],
+        engine_micro_batches=[4] if quick else [16, 32],
         warmup=2,
         repeats=5 if quick else 10,
         engine_seconds=1.0 if quick else 3.0,
@@ -402,20 +405,30 @@ def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
                 return [RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
                         for _ in range(n)]  # fmt: skip
 
-            engine.predict(batch())  # warm this batch size
-            lat: list[float] = []
-            errors = 0
-            t_end = time.perf_counter() + prof.engine_seconds
-            while len(lat) < prof.engine_min_calls or time.perf_counter() < t_end:
-                items = batch()
-                t0 = time.perf_counter()
-                res = engine.predict(items)
-                lat.append(time.perf_counter() - t0)
-                errors += sum(not isinstance(r, Result) for r in res)
-            med = statistics.median(lat)
-            rows.append({"B": B, "calls": len(lat), "median_ms": med * 1e3, "p90_ms": float(np.percentile(lat, 90)) * 1e3,
-                         "items_per_s": B / med, "errors": errors})  # fmt: skip
-            print_rows("engine", rows[-1:])
+            # micro-batch variants (settings.engine_micro_batch), calls interleaved so drifting load hits all alike
+            variants = [0, *(m for m in prof.engine_micro_batches if 0 < m < B)]
+            configs = {m: settings.model_copy(update={"engine_micro_batch": m}) for m in variants}
+            lat: dict[int, list[float]] = {m: [] for m in variants}
+            errors = dict.fromkeys(variants, 0)
+            for m in variants:  # warm this batch size
+                engine.settings = configs[m]
+                engine.predict(batch())
+            t_end = time.perf_counter() + prof.engine_seconds * len(variants)
+            while min(len(v) for v in lat.values()) < prof.engine_min_calls or time.perf_counter() < t_end:
+                for m in variants:
+                    items = batch()
+                    engine.settings = configs[m]
+                    t0 = time.perf_counter()
+                    res = engine.predict(items)
+                    lat[m].append(time.perf_counter() - t0)
+                    errors[m] += sum(not isinstance(r, Result) for r in res)
+            engine.settings = settings
+            for m in variants:
+                med = statistics.median(lat[m])
+                rows.append({"B": B, "micro_batch": m, "calls": len(lat[m]), "median_ms": med * 1e3,
+                             "p90_ms": float(np.percentile(lat[m], 90)) * 1e3, "items_per_s": B / med,
+                             "errors": errors[m]})  # fmt: skip
+            print_rows("engine", rows[-len(variants) :])
         rows.append(engine_two_workers(engine, bb, store, settings, tasks, jpegs, prof, rng))
         print_rows("engine", rows[-1:])
     finally:
@@ -859,8 +872,9 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                          "x_bare": r["vs_eager_bare"]})  # fmt: skip
     if isinstance(result.get("engine"), list):
         for r in result["engine"]:
-            rows.append({"what": "engine (JPEG bytes)", "B": r["B"], "ms": r["median_ms"], "per_s": r["items_per_s"],
-                         "goal": ">= 3000/s at B=64 (GPU)"})  # fmt: skip
+            micro = f", micro-batch {r['micro_batch']}" if r.get("micro_batch") else ""
+            rows.append({"what": f"engine (JPEG bytes{micro})", "B": r["B"], "ms": r["median_ms"],
+                         "per_s": r["items_per_s"], "goal": ">= 3000/s at B=64 (GPU)"})  # fmt: skip
     if isinstance(result.get("http"), dict) and "requests_per_s" in result["http"]:
         h = result["http"]
         rows.append({"what": f"http c={h['concurrency']} ({h['workers']}x{h['batch_size']}x{h['max_batch_delay_ms']})",
@@ -900,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default=None, help="timm name (default: vit_base_patch16_224 on CUDA)")
     ap.add_argument("--batches", default=None, help="model batch sizes, e.g. 1,64,256")
     ap.add_argument("--engine-batches", default=None, help="engine batch sizes, e.g. 1,8,64,256")
+    ap.add_argument(
+        "--micro-batches", default=None, help="engine_micro_batch variants, e.g. 16,32 ('' for none)"
+    )
     ap.add_argument("--compile-modes", default=None, help="torch.compile modes to measure ('' for none)")
     ap.add_argument(
         "--ceiling-configs", default=None, help="WORKERSxBATCHxDELAYMS,... for the null front end"
@@ -939,6 +956,8 @@ def main(argv: list[str] | None = None) -> int:
         prof.model_batches = [int(x) for x in args.batches.split(",")]
     if args.engine_batches:
         prof.engine_batches = [int(x) for x in args.engine_batches.split(",")]
+    if args.micro_batches is not None:
+        prof.engine_micro_batches = [int(x) for x in args.micro_batches.split(",") if x]
     if args.compile_modes is not None:
         prof.compile_modes = [m for m in args.compile_modes.split(",") if m]
     if args.ceiling_configs:

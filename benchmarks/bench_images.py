@@ -8,8 +8,11 @@ Rows (the vtab recipe at 224 px, the transform's output on the engine's device):
 - pil-threads: the same in a pool of --threads threads;
 - pipeline: `ImagePipeline` as the engine runs it: on a CPU, torchvision's JPEG decoder and the tensor
   transform per image in the pool; on CUDA, nvjpeg on the whole batch and the batched GPU resize.
-Each cell is the median images/s over repeated calls for about --seconds (at least 2 calls). Prints a
-table, writes JSON. Numbers are for this machine only (and its load).
+Each cell is the median images/s over repeated calls for about --seconds (at least 2 calls).
+- overlap (B = 64, or the largest batch below): the pipeline's decode in one thread beside a compute load
+  of about the same length in another (matmuls on the device: the forward's stand-in), against each alone.
+  2.0 = they overlap fully (what `engine_micro_batch` relies on), 1.0 = not at all.
+Prints a table, writes JSON. Numbers are for this machine only (and its load).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +52,33 @@ def timed(fn: Callable[[], Any], seconds: float, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def overlap(pipe: ImagePipeline, batch: list[bytes], device: torch.device, seconds: float) -> dict[str, Any]:
+    """Decode beside a device compute load of about the same length, in two threads, against each alone."""
+    x = torch.randn(
+        2048 if device.type == "cuda" else 384, 2048 if device.type == "cuda" else 384, device=device
+    )
+
+    def compute(reps: int) -> None:
+        for _ in range(reps):
+            x @ x
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    decode_s = timed(lambda: pipe.decode(batch), seconds, device)
+    reps = max(1, round(decode_s / timed(lambda: compute(1), seconds, device)))
+    compute_s = timed(lambda: compute(reps), seconds, device)
+
+    def both() -> None:
+        th = threading.Thread(target=compute, args=(reps,))
+        th.start()
+        pipe.decode(batch)
+        th.join()
+
+    both_s = timed(both, seconds, device)
+    return {"method": "overlap", "batch": len(batch), "decode_ms": decode_s * 1e3, "compute_ms": compute_s * 1e3,
+            "both_ms": both_s * 1e3, "overlap": (decode_s + compute_s) / both_s}  # fmt: skip
 
 
 def main() -> None:
@@ -86,6 +117,7 @@ def main() -> None:
         for name, fn in methods.items():
             sec = timed(lambda fn=fn, batch=batch: fn(batch), args.seconds, device)
             rows.append({"method": name, "batch": b, "ms_per_batch": sec * 1e3, "images_per_s": b / sec})
+    both = overlap(pipe, files[: max(b for b in args.batches if b <= 64)], device, args.seconds)
     pipe.close()
     pool.shutdown()
 
@@ -98,6 +130,9 @@ def main() -> None:
     for name in methods:
         cells = [r["images_per_s"] for r in rows if r["method"] == name]
         print(f"{name:<12} " + " ".join(f"{c:>10.0f}" for c in cells))
+    print(f"overlap at B={both['batch']}: decode {both['decode_ms']:.1f} ms, compute {both['compute_ms']:.1f} ms, "
+          f"both in two threads {both['both_ms']:.1f} ms -> {both['overlap']:.2f}x (2.0: full overlap)")  # fmt: skip
+    rows.append(both)
     result = {
         "device": str(device),
         "gpu": gpu,

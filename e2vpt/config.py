@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # training decodes with); on an H200, 640x480: <= 1 grey level, top-1 100%; 32x32: up to 64, top-1 92%.
     # Small images are cheap on the CPU, so they get the pixels they were trained on.
     image_gpu_decode_min_pixels: int = GPU_DECODE_MIN_PIXELS
+    # Split each engine batch into micro-batches of this many images (0: one forward per batch). The next
+    # micro-batch's images are decoded in a background thread while the current one is transformed, run
+    # and answered, so decoding (nvjpeg blocks its calling thread; CPU decoders use the pool) overlaps the
+    # forward. Off until bench_gpu's `engine` section (micro-batch rows) shows it paying on a GPU.
+    engine_micro_batch: int = Field(default=0, ge=0)
     # Device-resident prompt cache: byte budget (LRU beyond it), pinned and preloaded task ids.
     cache_max_bytes: int = 512 * 1024 * 1024
     cache_pinned_tasks: list[str] = []

@@ -4,7 +4,8 @@ predict(items) decodes every image, resolves every item's task through the `Prom
 batch's prompts from the device-resident `PromptTable` (index gathers), runs ONE backbone forward with
 per-image prompts (any `FeatureBackend`), applies each image's own head and returns top-k labels and
 scores. Items that fail (bad image, unknown task, store down, ...) get their typed error in their slot;
-the rest succeed.
+the rest succeed. With `engine_micro_batch` set, a batch runs as micro-batches of that size, the next
+one's images decoding in a background thread while the current one runs.
 
 Isolation: an unexpected exception while reading one item is that item's 500. When the mixed forward
 fails, every task is retried alone, so a task whose prompts break the forward fails only its own items
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,7 +39,7 @@ from e2vpt.registry.store import PromptStore
 from e2vpt.serving.backends import FeatureBackend, make_backend
 from e2vpt.serving.cache import CachedPrompts, PromptCache
 from e2vpt.serving.metrics import ServingMetrics
-from e2vpt.serving.pipeline import ImagePipeline
+from e2vpt.serving.pipeline import Decoded, ImagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -189,29 +191,61 @@ class MultiTaskEngine:
             except Exception as exc:  # a bug reading one item fails that item, never the batch
                 log.exception("item %d could not be read", i)
                 out[i] = E2VPTError(f"unreadable item: {type(exc).__name__}")
-        # decoded in one batch (GPU JPEGs, a thread pool for the rest); a bad image fails its own item
         if self._limits[0] is not self.settings:  # settings may be swapped on a live engine
             self._limits = (self.settings, ImageLimits.from_settings(self.settings))
-        images = [items[i].image for i, _, _ in valid]  # type: ignore[union-attr]
-        with stage("e2vpt.decode"):
-            decoded = self.images.decode(images, self._limits[1])
+        limits = self._limits[1]
+        size = self.settings.engine_micro_batch
+        chunks = (
+            [valid[i : i + size] for i in range(0, len(valid), size)] if 0 < size < len(valid) else [valid]
+        )
+        resolved: dict[str, CachedPrompts | E2VPTError] = {}
+        tasks: set[str] = set()
+        ahead: Future[list[Decoded]] | None = None
+        for k, chunk in enumerate(chunks):
+            # decoded in one batch (GPU JPEGs, a thread pool for the rest); a bad image fails its own item
+            with stage("e2vpt.decode"):
+                if ahead is None:
+                    decoded = self.images.decode(self._images(items, chunk), limits)
+                else:
+                    decoded = ahead.result()
+            if k + 1 < len(chunks):  # the next micro-batch decodes while this one runs
+                ahead = self.images.decode_ahead(self._images(items, chunks[k + 1]), limits)
+            self._run(chunk, decoded, out, resolved, tasks)
+        with stage("e2vpt.results"):
+            return self._observe(items, out, resolved, len(tasks), time.perf_counter() - t0)
+
+    @staticmethod
+    def _images(items: Sequence[RequestItem | E2VPTError], chunk: list[tuple[int, str, int]]) -> list[bytes]:
+        return [items[i].image for i, _, _ in chunk]  # type: ignore[union-attr]
+
+    def _run(
+        self,
+        chunk: list[tuple[int, str, int]],
+        decoded: list[Decoded],
+        out: list[Result | E2VPTError | None],
+        resolved: dict[str, CachedPrompts | E2VPTError],
+        tasks: set[str],
+    ) -> None:
+        """One (micro-)batch from decoded pixels to answers in `out`: its tasks' prompts, each task's
+        recipe, one forward. `resolved` and `tasks` collect what the call's metrics need."""
         ready: list[BatchItem] = []  # decoded uint8 pixels
-        for (i, task_id, k), img in zip(valid, decoded, strict=True):
+        for (i, task_id, k), img in zip(chunk, decoded, strict=True):
             if isinstance(img, E2VPTError):
                 out[i] = img
             else:
                 ready.append(BatchItem(i, task_id, img, k))
         with stage("e2vpt.cache"):
-            resolved = self.cache.get_many(item.task_id for item in ready)
+            found = self.cache.get_many(item.task_id for item in ready)
+        resolved.update(found)
         pending: list[BatchItem] = []
         for item in ready:
-            res = resolved[item.task_id]
+            res = found[item.task_id]
             if isinstance(res, E2VPTError):
                 out[item.index] = res
             else:
                 pending.append(item)
         # each task's own preprocessing recipe: the pixels it was trained on
-        recipes = [resolved[item.task_id].recipe for item in pending]  # type: ignore[union-attr]
+        recipes = [found[item.task_id].recipe for item in pending]  # type: ignore[union-attr]
         with stage("e2vpt.transform"):
             inputs = self.images.transform([item.pixels for item in pending], recipes)
         good: list[BatchItem] = []  # normalised model inputs
@@ -220,11 +254,9 @@ class MultiTaskEngine:
                 out[item.index] = x
             else:
                 good.append(replace(item, pixels=x))
-        tasks: list[str] = list(dict.fromkeys(item.task_id for item in good))
+        tasks.update(item.task_id for item in good)
         if good:
-            self._forward_isolated(good, resolved, out)  # type: ignore[arg-type]
-        with stage("e2vpt.results"):
-            return self._observe(items, out, resolved, len(tasks), time.perf_counter() - t0)
+            self._forward_isolated(good, found, out)  # type: ignore[arg-type]
 
     def _observe(
         self,

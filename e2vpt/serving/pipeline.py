@@ -68,9 +68,11 @@ class ImagePipeline:
         self.gpu_min_pixels = gpu_min_pixels
         self.threads = threads if threads > 0 else min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="e2vpt-images")
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="e2vpt-decode-ahead")
         self._recipes: dict[str, Preprocess] = {}
 
     def close(self) -> None:
+        self._ahead.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def preprocess(self, recipe: str) -> Preprocess:
@@ -124,6 +126,12 @@ class ImagePipeline:
         for i, x in zip(cpu, futures, strict=True):
             out[i] = x.result() if isinstance(x, Future) else x
         return self._fill(out)
+
+    def decode_ahead(
+        self, images: Sequence[bytes], limits: ImageLimits | None = None
+    ) -> Future[list[Decoded]]:
+        """`decode` in a background thread (one at a time), while the caller works on something else."""
+        return self._ahead.submit(self.decode, images, limits)
 
     @staticmethod
     def _fill(out: list[Decoded | None]) -> list[Decoded]:

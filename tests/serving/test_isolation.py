@@ -80,12 +80,16 @@ def assert_matches_offline(bb: Backbone, ps: PromptSet, image: bytes, res: objec
     assert [p.score for p in res.predictions] == pytest.approx([s for _, s in expected], abs=1e-5)
 
 
-def test_poison_prompts_fail_only_their_task(backbone: Backbone, store: PromptStore) -> None:
+@pytest.mark.parametrize("micro_batch", [0, 4])  # one forward / three micro-batches (badhead in two)
+def test_poison_prompts_fail_only_their_task(
+    backbone: Backbone, store: PromptStore, micro_batch: int
+) -> None:
     sets = good_sets(backbone)
     for ps in sets.values():
         store.register(ps)
     metrics = ServingMetrics()
-    engine = FaultyEngine(backbone, store, Settings(cache_version_check_ms=-1, top_k=3), metrics=metrics)
+    settings = Settings(cache_version_check_ms=-1, top_k=3, engine_micro_batch=micro_batch)
+    engine = FaultyEngine(backbone, store, settings, metrics=metrics)
     try:
         store.register(make_set("badhead", backbone, 3, 4))
         store.register(make_set("badkv", backbone, 3, 5, num_kv=0))

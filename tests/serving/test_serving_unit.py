@@ -342,6 +342,36 @@ def test_engine_metrics_counts(backbone: Backbone, store: PromptStore) -> None:
     assert "e2vpt_batch_size_count 2.0" in text and "e2vpt_cache_misses_total 2.0" in text
 
 
+def test_micro_batches_answer_as_one_batch(backbone: Backbone, store: PromptStore) -> None:
+    """engine_micro_batch splits a batch (the next part decoding in the background): the same answers and
+    the same per-item errors in the same slots as one forward, with one forward per micro-batch."""
+    for t in ("a", "b", "c"):
+        store.register(make_set(t, backbone, seed=ord(t)))
+    tasks = ["a", "b", "a", "c", "nope", "b", "c", "a", "b", "c", "a"]
+    items = [RequestItem(t, image_bytes(60 + i)) for i, t in enumerate(tasks)]
+    items[5] = RequestItem("b", b"not an image")
+    answers = {}
+    for size in (0, 3, 1):
+        metrics = ServingMetrics(top_tasks=10)
+        eng = MultiTaskEngine(backbone, store, Settings(engine_micro_batch=size), metrics=metrics)
+        try:
+            answers[size] = eng.predict(items)
+        finally:
+            eng.close()
+        forwards = generate_latest(metrics.registry).decode().split("e2vpt_forward_seconds_count ")[1]
+        # micro-batches of 3: four forwards; of 1: nine ("nope" is not found, the bad image never decodes)
+        assert float(forwards.split()[0]) == {0: 1, 3: 4, 1: 9}[size]
+    for size in (3, 1):
+        for one, many in zip(answers[0], answers[size], strict=True):
+            assert type(one) is type(many)
+            if isinstance(one, Result):
+                assert [p.label for p in many.predictions] == [p.label for p in one.predictions]
+                assert [p.score for p in many.predictions] == pytest.approx(
+                    [p.score for p in one.predictions], abs=1e-5
+                )
+    assert isinstance(answers[3][4], TaskNotFound) and isinstance(answers[3][5], InvalidImage)
+
+
 def test_engine_stages_show_in_a_profile(
     backbone: Backbone, store: PromptStore, engine: MultiTaskEngine
 ) -> None:
