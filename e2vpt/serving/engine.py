@@ -12,8 +12,8 @@ fails, every task is retried alone, so a task whose prompts break the forward fa
 (500, counted per task in `e2vpt_item_failures`). 503 means only "prompt store unavailable".
 
 Stages: each step of a call runs inside a `torch.profiler.record_function` range named in `STAGES`, so
-any profile of a serving process (`benchmarks/bench_gpu.py --only engine` on a GPU prints one) shows where
-a batch's time goes; outside a profiler a range costs a few microseconds.
+any profile of a serving process (`benchmarks/bench_gpu.py --only stages` prints one) shows where
+a batch's time goes; outside a profiler a range costs about 5 us (nine per call).
 
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """

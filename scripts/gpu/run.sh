@@ -140,7 +140,7 @@ bench() {  # bench NAME LIMIT_S ARGS...
 }
 if [ "$HAS_CUDA" = 1 ]; then
     bench bench_attention 90 --batch 64 256
-    bench bench_images 60
+    bench bench_images 90
     bench bench_assembly 60 --dtype float16
     bench parity_images 120 --backbone tiny --n 300   # nvjpeg + tensor transform vs the PIL path
 else

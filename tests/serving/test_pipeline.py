@@ -19,7 +19,7 @@ from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptS
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
 from e2vpt.serving.pipeline import ImagePipeline
-from tests.helpers import make_set
+from tests.helpers import make_set, tiny_backbone
 from tests.serving_helpers import offline_predict
 
 
@@ -189,3 +189,43 @@ def test_gpu_decode_path() -> None:
         assert all(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in xs)
     finally:
         pipe.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.integration
+@pytest.mark.parametrize("micro_batch", [0, 3])
+def test_engine_on_cuda_answers_like_the_cpu_engine(
+    backbone: Backbone, store: PromptStore, micro_batch: int
+) -> None:
+    """The engine end to end on CUDA in fp32 (nvjpeg for the large JPEGs, in a background thread when
+    micro-batched; the CPU decoders for the rest): every poison item gets its own error, every good item
+    the CPU engine's classes with each score within 0.02 (nvjpeg's pixels are <= 1 grey level off at
+    640x480, the device's resize rounds a few pixels the other way)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    sets = [make_set("a", backbone, 3, 1), make_set("b", backbone, 5, 2, config={"recipe": "fgvc"})]
+    for ps in sets:
+        store.register(ps)
+    photos = [photo_jpeg(i) for i in range(4)]
+    items = [RequestItem("ab"[n % 2], data) for n, data in enumerate([*photos, *good_images()])]
+    poison = list(poison_images().values())
+    items += [RequestItem("ab"[n % 2], data) for n, (data, _) in enumerate(poison)]
+    base = {"cache_version_check_ms": 0, "serving_dtype": "float32", "engine_micro_batch": micro_batch}
+    cpu = MultiTaskEngine(backbone, store, Settings(**base))
+    gpu = MultiTaskEngine(tiny_backbone(device="cuda"), store, Settings(device="cuda", **base))
+    try:
+        assert gpu.images.gpu_decode
+        want, got = cpu.predict(items, top_k=5), gpu.predict(items, top_k=5)
+    finally:
+        cpu.close()
+        gpu.close()
+    for n, (w, g) in enumerate(zip(want, got, strict=True)):
+        if n >= len(photos) + len(good_images()):
+            assert type(g) is poison[n - len(photos) - len(good_images())][1]
+            continue
+        assert isinstance(w, Result) and isinstance(g, Result)
+        scores = {p.label: p.score for p in g.predictions}
+        assert set(scores) == {p.label for p in w.predictions}
+        assert all(abs(scores[p.label] - p.score) < 0.02 for p in w.predictions), (n, w, g)
