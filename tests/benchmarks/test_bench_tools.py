@@ -70,3 +70,27 @@ def test_worker_message_is_what_torchserve_reads() -> None:
     prof.engine_seconds = 0.05
     rows = bench_gpu.section_worker(["task-a", "task-b"], bodies, prof, batches=(1, 4))
     assert [r["B"] for r in rows] == [1, 4] and all(r["requests_per_s"] > 0 for r in rows)
+
+
+def test_stages_section_accounts_for_every_stage(backbone, store) -> None:  # noqa: ANN001
+    """bench_gpu's `stages` section: one row per engine stage, each with the time the profiler saw, and
+    the stages (disjoint ranges of the calling thread) never add up to more than the whole call."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from e2vpt.config import Settings
+    from e2vpt.dev.images import image_bytes
+    from e2vpt.serving.engine import STAGES
+    from tests.helpers import make_set
+
+    tasks = ["a", "b"]
+    for i, t in enumerate(tasks):
+        store.register(make_set(t, backbone, 3, i))
+    jpegs = [image_bytes(i, (64, 48), "JPEG") for i in range(3)]
+    rows = bench_gpu.section_stages(backbone, store, tasks, jpegs, Settings(), B=4, calls=2)
+    assert [r["stage"] for r in rows] == [*STAGES, "predict (whole call)"]
+    assert all(r["host_ms"] > 0 for r in rows)
+    whole = rows[-1]
+    assert sum(r["host_ms"] for r in rows[:-1]) <= whole["host_ms"] and whole["outside_stages_ms"] >= 0
