@@ -45,6 +45,11 @@ echo "[prepare] downloading ${#WHEELS[@]} wheels into $KIT/whl"
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     --platform any -d "$KIT/whl" "${WHEELS[@]}"
 
+# this project's own wheel, for its metadata only: run.sh installs it and then removes its packages, so the
+# checkout's code runs while the entry points (`e2vpt train` from `e2vpt.commands`) resolve
+echo "[prepare] building this project's wheel (entry points)"
+"$PYTHON" -m pip wheel -q --no-deps -w "$KIT/whl" .
+
 # torchserve without its Java front end (45 MB): the jar cannot run there and would not fit the 64 MiB that a
 # device call carries. Rewritten as a valid wheel: the jar and its RECORD line removed.
 ts_whl=$(ls "$KIT"/whl/torchserve-*.whl)

@@ -75,6 +75,8 @@ step() {
 if [ "${KIT_INSTALL:-1}" = 1 ]; then
     step install 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$KIT"/whl/*.whl
+    # the project's wheel is there for its entry points: the checkout's packages are the ones that run
+    rm -rf "$SITE/e2vpt" "$SITE/training"
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import pydantic, pydantic_settings, redis, timm, e2vpt.serving.engine; print("imports ok: timm", timm.__version__)' \
