@@ -121,9 +121,13 @@ def test_limits_per_call(pipeline: ImagePipeline) -> None:
 
 
 @pytest.mark.integration
-def test_engine_poison_batch_good_items_all_succeed(backbone: Backbone, store: PromptStore) -> None:
+@pytest.mark.parametrize("micro_batch", [0, 5])
+def test_engine_poison_batch_good_items_all_succeed(
+    backbone: Backbone, store: PromptStore, micro_batch: int
+) -> None:
     """One batch: good items for four tasks (two recipes) interleaved with every poison image; every good
-    item gets the offline model's answer, every poison item its own typed error."""
+    item gets the offline model's answer, every poison item its own typed error (also when the batch runs
+    as micro-batches of 5, each decoded in the background while the one before runs)."""
     sets = [
         make_set("a", backbone, 3, 1),
         make_set("b", backbone, 5, 2, config={"recipe": "fgvc"}),
@@ -133,7 +137,8 @@ def test_engine_poison_batch_good_items_all_succeed(backbone: Backbone, store: P
     for ps in sets:
         store.register(ps)
     by_id = {ps.task_id: ps for ps in sets}
-    engine = MultiTaskEngine(backbone, store, Settings(cache_version_check_ms=0, image_decode_threads=2))
+    settings = Settings(cache_version_check_ms=0, image_decode_threads=2, engine_micro_batch=micro_batch)
+    engine = MultiTaskEngine(backbone, store, settings)
     try:
         items: list[RequestItem] = []
         expect: list[type[E2VPTError] | None] = []
