@@ -201,15 +201,15 @@ class MultiTaskEngine:
         resolved: dict[str, CachedPrompts | E2VPTError] = {}
         tasks: set[str] = set()
         ahead: Future[list[Decoded]] | None = None
-        for k, chunk in enumerate(chunks):
+        for n, chunk in enumerate(chunks):
             # decoded in one batch (GPU JPEGs, a thread pool for the rest); a bad image fails its own item
             with stage("e2vpt.decode"):
                 if ahead is None:
                     decoded = self.images.decode(self._images(items, chunk), limits)
                 else:
                     decoded = ahead.result()
-            if k + 1 < len(chunks):  # the next micro-batch decodes while this one runs
-                ahead = self.images.decode_ahead(self._images(items, chunks[k + 1]), limits)
+            if n + 1 < len(chunks):  # the next micro-batch decodes while this one runs
+                ahead = self.images.decode_ahead(self._images(items, chunks[n + 1]), limits)
             self._run(chunk, decoded, out, resolved, tasks)
         with stage("e2vpt.results"):
             return self._observe(items, out, resolved, len(tasks), time.perf_counter() - t0)

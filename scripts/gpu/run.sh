@@ -135,7 +135,8 @@ bench() {  # bench NAME LIMIT_S ARGS...
     local name=$1 limit=$2
     shift 2
     if [ -f "benchmarks/$name.py" ]; then
-        step "$name" "$limit" "$PY" "benchmarks/$name.py" --device "$DEV" "$@"
+        # JSON into the run's results, never over the checkout's committed benchmarks/results
+        step "$name" "$limit" "$PY" "benchmarks/$name.py" --device "$DEV" --out "$WORK/results/${name#bench_}_$DEV.json" "$@"
     else
         echo "| $name | - | 0 | not present |" >> "$SUMMARY"
     fi
@@ -149,7 +150,6 @@ else
     bench bench_attention 60 --batch 2 --repeats 3
     bench bench_assembly 60 --quick
 fi
-cp benchmarks/results/*_cuda*.json "$WORK/results/" 2>/dev/null || true
 
 # ---- core and serving tests on the device's torch (E2VPT_DEVICE=cuda when the tests read it)
 TEST_ENV=()
