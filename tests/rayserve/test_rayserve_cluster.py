@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,12 @@ def owners_seen(served: Served, tasks: list[str], rounds: int = 2) -> dict[str, 
     return seen
 
 
+def pinned_to_owners(served: Served, replicas: Iterable[str], rounds: int = 2) -> bool:
+    """Light load: every task answered by its owner among `replicas`, and by it alone."""
+    seen = owners_seen(served, TASKS, rounds)
+    return {t: next(iter(r)) if len(r) == 1 else None for t, r in seen.items()} == assignment(TASKS, replicas)
+
+
 def test_answers_match_the_single_process_engine(served: Served) -> None:
     kinds = ["raw", "json", "multipart"]
     reqs = [(kinds[i % 3], TASKS[i % 12], image_bytes(100 + i, (40 + i, 32 + i % 5))) for i in range(36)]
@@ -226,11 +232,12 @@ def test_bad_requests_get_the_torchserve_statuses(served: Served) -> None:
 
 
 def test_light_load_pins_every_task_to_its_owner(served: Served) -> None:
-    seen = owners_seen(served, TASKS)
     live = list(replica_stats())
     assert len(live) == 2
-    assert all(len(replicas) == 1 for replicas in seen.values()), seen
-    assert {t: next(iter(r)) for t, r in seen.items()} == assignment(TASKS, live)
+    # The router in the proxy learns the replicas and their queue lengths asynchronously (Ray's long poll
+    # and probes): a replica it does not know yet, or whose probe is late on a loaded machine, sends its tasks
+    # to their backups for a while (seen once in ~10 suite runs). Once it knows both, every task is pinned.
+    assert wait_for(lambda: pinned_to_owners(served, live), 30)
 
 
 def test_batches_mix_tasks(served: Served) -> None:
@@ -288,12 +295,8 @@ def test_load_adds_a_third_replica_which_takes_about_a_third_of_the_tasks(served
     (new,) = after_ids - before_ids
     after = assignment(TASKS, after_ids)
 
-    def pinned() -> bool:
-        seen = owners_seen(served, TASKS)
-        return {t: next(iter(r)) if len(r) == 1 else None for t, r in seen.items()} == after
-
     # light load again; the router knows the newcomer and fresh queue lengths: every task on its owner
-    assert wait_for(pinned, 30)
+    assert wait_for(lambda: pinned_to_owners(served, after_ids), 30)
     moved = [t for t in TASKS if before[t] != after[t]]
     assert all(after[t] == new for t in moved)
     assert 0.15 <= len(moved) / len(TASKS) <= 0.55, len(moved)
@@ -336,5 +339,5 @@ def test_a_node_lost_under_load_costs_no_request_and_its_tasks_move(served: Serv
     assert len(failed) + len(errors) <= concurrency, [r.text for r in failed][:3]  # at most those in flight
     survivors = set(replica_stats())
     assert victim_id not in survivors and len(survivors) == 2
-    seen = owners_seen(served, TASKS, 1)
-    assert {t: next(iter(r)) for t, r in seen.items()} == assignment(TASKS, survivors)
+    # the lost replica's tasks on their backups, the others where they were, once the router has let it go
+    assert wait_for(lambda: pinned_to_owners(served, survivors, rounds=1), 30)
