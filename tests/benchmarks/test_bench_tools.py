@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from tests.cli_helpers import ROOT
 
 
-def test_summarize_copies_numbers_and_reports_missing_and_broken(tmp_path: Path) -> None:
+def benchmark_module(name: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module (they are not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import summarize
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_summarize_copies_numbers_and_reports_missing_and_broken(tmp_path: Path) -> None:
+    summarize = benchmark_module("summarize")
     results = tmp_path / "results"
     results.mkdir()
     (results / "model_cpu.json").write_text(
@@ -54,11 +61,7 @@ def test_worker_message_is_what_torchserve_reads() -> None:
     pytest.importorskip("ts")
     from ts.protocol.otf_message_handler import retrieve_msg
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_gpu = benchmark_module("bench_gpu")
     bodies, tasks = [b"\xff\xd8 one", b"two" * 1000], ["task-a", "task-b"]
     cmd, batch = retrieve_msg(bench_gpu._MessageReader(bench_gpu.otf_predict_message(bodies, tasks, "tok")))
     assert cmd == b"I" and len(batch) == 2
@@ -75,11 +78,7 @@ def test_worker_message_is_what_torchserve_reads() -> None:
 def test_stages_section_accounts_for_every_stage(backbone, store) -> None:  # noqa: ANN001
     """bench_gpu's `stages` section: one row per engine stage, each with the time the profiler saw, and
     the stages (disjoint ranges of the calling thread) never add up to more than the whole call."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_gpu = benchmark_module("bench_gpu")
     from e2vpt.config import Settings
     from e2vpt.dev.images import image_bytes
     from e2vpt.serving.engine import STAGES
