@@ -384,6 +384,12 @@ def register_tasks(store: Any, bb: Backbone, n: int) -> list[str]:
     return tasks
 
 
+def random_items(rng: Any, tasks: list[str], jpegs: list[bytes], n: int) -> list[RequestItem]:
+    """n engine items, each a task and an image drawn uniformly."""
+    return [RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
+            for _ in range(n)]  # fmt: skip
+
+
 def warm_engine(engine: Any, tasks: list[str], jpegs: list[bytes]) -> None:
     """Every task resident (cold loads are not the engine sections' subject)."""
     for i in range(0, len(tasks), 64):
@@ -402,8 +408,7 @@ def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
         for B in prof.engine_batches:
 
             def batch(n: int = B) -> list[RequestItem]:  # noqa: E306
-                return [RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
-                        for _ in range(n)]  # fmt: skip
+                return random_items(rng, tasks, jpegs, n)
 
             # micro-batch variants (settings.engine_micro_batch), calls interleaved so drifting load hits all alike
             variants = [0, *(m for m in prof.engine_micro_batches if 0 < m < B)]
@@ -450,8 +455,7 @@ def section_stages(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes
 
     engine = MultiTaskEngine(bb, store, settings)
     rng = np.random.default_rng(1)
-    batches = [[RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
-                for _ in range(B)] for _ in range(calls)]  # fmt: skip
+    batches = [random_items(rng, tasks, jpegs, B) for _ in range(calls)]
     activities = [ProfilerActivity.CPU]
     cuda = engine.device.type == "cuda"
     if cuda:
@@ -506,8 +510,7 @@ def engine_two_workers(engine: Any, bb: Backbone, store: Any, settings: Settings
     engines = [engine, second]
     for i in range(0, len(tasks), 64):
         second.predict([RequestItem(t, jpegs[0]) for t in tasks[i : i + 64]])
-    batches = [[RequestItem(tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))])
-                for _ in range(B)] for _ in range(8)]  # fmt: skip
+    batches = [random_items(rng, tasks, jpegs, B) for _ in range(8)]
     done = [0, 0]
     errors = [0, 0]
     t_end = time.perf_counter() + prof.engine_seconds
@@ -780,10 +783,8 @@ def section_worker(tasks: list[str], jpegs: list[bytes], prof: Profile, batches:
     rng = np.random.default_rng(2)
     rows: list[dict[str, Any]] = []
     for B in batches:
-        picks = [
-            (tasks[int(rng.integers(len(tasks)))], jpegs[int(rng.integers(len(jpegs)))]) for _ in range(B)
-        ]
-        msg = otf_predict_message([j for _, j in picks], [t for t, _ in picks], token="t" * 32)
+        picks = random_items(rng, tasks, jpegs, B)
+        msg = otf_predict_message([p.image for p in picks], [p.task_id for p in picks], token="t" * 32)
         calls, retrieve_s, predict_s = 0, 0.0, 0.0
         handler_s[0] = 0.0
         t_end = time.perf_counter() + prof.engine_seconds

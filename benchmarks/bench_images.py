@@ -56,9 +56,8 @@ def timed(fn: Callable[[], Any], seconds: float, device: torch.device) -> float:
 
 def overlap(pipe: ImagePipeline, batch: list[bytes], device: torch.device, seconds: float) -> dict[str, Any]:
     """Decode beside a device compute load of about the same length, in two threads, against each alone."""
-    x = torch.randn(
-        2048 if device.type == "cuda" else 384, 2048 if device.type == "cuda" else 384, device=device
-    )
+    n = 2048 if device.type == "cuda" else 384
+    x = torch.randn(n, n, device=device)
 
     def compute(reps: int) -> None:
         for _ in range(reps):
