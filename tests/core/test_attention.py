@@ -162,6 +162,29 @@ def test_slot_rows_are_never_read(backbone: Backbone, monkeypatch: pytest.Monkey
     assert (got - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_no_concatenation_in_any_block(grad: bool) -> None:
+    """Eager, the forward runs the same number of concatenations whatever the depth (the sequence's
+    start and the pooling): K and V are never concatenated per block, in serving or (under autograd) in
+    training. (The backward's per-block stack is timm's own: the gradient of its qkv unbind.)"""
+
+    def cats(depth: int) -> int:
+        bb = tiny_backbone(depth=depth)
+        model = PromptedViT(bb).train(grad)
+        images, visual, kv, vv, kvv = prompt_inputs(bb, 3, 2, 4, padded=True)
+        visual.requires_grad_(grad)
+        kv.requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            with torch.profiler.profile() as prof:
+                feats = model.forward_features(images, visual, kv, vv, kvv)
+            if grad:
+                feats.square().sum().backward()
+                assert kv.grad is not None and kv.grad.abs().sum() > 0
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
+
+    assert 0 < cats(2) == cats(5) <= 3
+
+
 # ---------- training: gradients equal the concatenation path's
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("name", ["cls", "qk-norm", "no-cls-reg-avg"])
@@ -197,6 +220,26 @@ def test_gradients_equal_concat_path(
     if padded:
         assert (got[2] * ~kvv[:, None, None, None, :, None]).abs().sum() == 0  # type: ignore[operator]
     assert all(p.grad is None for p in bb.model.parameters())
+
+
+def test_backbone_gradients_equal_concat_path() -> None:
+    """Full fine-tuning trains the backbone too: its parameters' gradients (the qkv projection's among
+    them, computed by the slot buffer's own backward) equal the concatenation path's, in float64."""
+    bb = variant("qk-norm", torch.float64)
+    bb.model.requires_grad_(True)
+    model = PromptedViT(bb).train()
+    images, visual, kv, vv, kvv = prompt_inputs(bb, 3, 2, 3, padded=True, dtype=torch.float64, seed=7)
+
+    def grads(forward: object) -> dict[str, Tensor]:
+        bb.model.zero_grad(set_to_none=True)
+        forward(images, visual, kv, vv, kvv).square().sum().backward()  # type: ignore[operator]
+        return {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}
+
+    want = grads(lambda *a: concat_forward_features(bb.model, *a))
+    got = grads(model.forward_features)
+    assert got.keys() == want.keys() and "blocks.0.attn.qkv.weight" in got and "blocks.0.attn.qkv.bias" in got
+    for name, w in want.items():
+        assert (got[name] - w).abs().max().item() <= 1e-9, name
 
 
 @pytest.mark.parametrize("share_kv", [True, False], ids=["tied", "separate"])
