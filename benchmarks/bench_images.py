@@ -12,6 +12,9 @@ Each cell is the median images/s over repeated calls for about --seconds (at lea
 - overlap (B = 64, or the largest batch below): the pipeline's decode in one thread beside a compute load
   of about the same length in another (matmuls on the device: the forward's stand-in), against each alone.
   2.0 = they overlap fully (what `engine_micro_batch` relies on), 1.0 = not at all.
+- headers: reading one JPEG's header (size, mode, EXIF orientation, limits), the serial step before every
+  batch's decode: Pillow (`open_image` + `exif_orientation`, the former path) against `read_header`'s
+  scan, per image, for the files above and for the same files with an Exif block (orientation, dpi).
 Prints a table, writes JSON. Numbers are for this machine only (and its load).
 """
 
@@ -35,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from e2vpt.core.backbone import load_backbone  # noqa: E402
-from e2vpt.core.images import ImageLimits, decode_image  # noqa: E402
+from e2vpt.core.images import ImageLimits, decode_image, exif_orientation, open_image, read_header  # noqa: E402
 from e2vpt.dev.images import photo_jpeg, pil_reference_transform  # noqa: E402
 from e2vpt.serving.pipeline import ImagePipeline  # noqa: E402
 
@@ -80,6 +83,37 @@ def overlap(pipe: ImagePipeline, batch: list[bytes], device: torch.device, secon
             "both_ms": both_s * 1e3, "overlap": (decode_s + compute_s) / both_s}  # fmt: skip
 
 
+def with_exif(data: bytes) -> bytes:
+    """The JPEG with an Exif block (orientation 6, 300 dpi) after its start marker, as a phone writes one."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x011A], exif[0x0128] = 6, 300.0, 2
+    block = exif.tobytes()
+    return data[:2] + b"\xff\xe1" + (len(block) + 2).to_bytes(2, "big") + block + data[2:]
+
+
+def headers(files: list[bytes], limits: ImageLimits, seconds: float) -> list[dict[str, Any]]:
+    """Microseconds per header: Pillow's reading against the scan, plain files and files with Exif."""
+
+    def pillow(data: bytes) -> int:
+        return exif_orientation(open_image(data, limits))
+
+    def scan(data: bytes) -> int:
+        header, _ = read_header(data, limits)
+        assert header is not None
+        return header.orientation
+
+    rows = []
+    for kind, batch in (("plain", files), ("exif", [with_exif(d) for d in files])):
+        assert [pillow(d) for d in batch] == [scan(d) for d in batch]
+        us = {n: timed(lambda f=f, batch=batch: [f(d) for d in batch], seconds, torch.device("cpu")) / len(batch) * 1e6
+              for n, f in (("pillow", pillow), ("scan", scan))}  # fmt: skip
+        rows.append({"method": "headers", "files": kind, "batch": len(batch), "pillow_us": us["pillow"],
+                     "scan_us": us["scan"], "speedup": us["pillow"] / us["scan"]})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -117,6 +151,7 @@ def main() -> None:
             sec = timed(lambda fn=fn, batch=batch: fn(batch), args.seconds, device)
             rows.append({"method": name, "batch": b, "ms_per_batch": sec * 1e3, "images_per_s": b / sec})
     both = overlap(pipe, files[: max(b for b in args.batches if b <= 64)], device, args.seconds)
+    header_rows = headers(files[:64], limits, args.seconds)
     pipe.close()
     pool.shutdown()
 
@@ -131,7 +166,10 @@ def main() -> None:
         print(f"{name:<12} " + " ".join(f"{c:>10.0f}" for c in cells))
     print(f"overlap at B={both['batch']}: decode {both['decode_ms']:.1f} ms, compute {both['compute_ms']:.1f} ms, "
           f"both in two threads {both['both_ms']:.1f} ms -> {both['overlap']:.2f}x (2.0: full overlap)")  # fmt: skip
-    rows.append(both)
+    for h in header_rows:
+        print(f"header of a JPEG ({h['files']}): Pillow {h['pillow_us']:.1f} us, scan {h['scan_us']:.1f} us "
+              f"-> {h['speedup']:.1f}x")  # fmt: skip
+    rows += [both, *header_rows]
     result = {
         "device": str(device),
         "gpu": gpu,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 from torchvision.transforms import InterpolationMode
 
 from e2vpt.config import Settings
@@ -152,6 +153,134 @@ def decode_image(
     return _load(open_image(data, limits), limits)
 
 
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the fast JPEG decoders need of a header: size and EXIF orientation (1-8)."""
+
+    width: int
+    height: int
+    orientation: int = 1
+
+
+# Markers Pillow skips without reading them (DHT, DAC, DRI, EXP, COM) or reads below (APPn, SOF0-2, DQT).
+# Any other marker, or bytes between segments, goes to Pillow (it knows them all).
+_SKIPPED_MARKERS = frozenset({0xC4, 0xCC, 0xDD, 0xDF, 0xFE})
+_SEGMENT = struct.Struct(">BBH")
+# APP segments that Pillow parses: (marker, prefix, the shortest one its parser survives). XMP (it may
+# hold the orientation), MPF (it may make the file an MPO) and Photoshop blocks are left to Pillow.
+_APP_MIN_LENGTH = (
+    (0xE0, b"JFIF", 7),
+    (0xE2, b"ICC_PROFILE\0", 14),
+    (0xEE, b"Adobe", 7),
+    (0xE1, b"http://ns.adobe.com/xap/1.0/\x00", 2**32),
+    (0xE2, b"MPF\0", 2**32),
+    (0xED, b"Photoshop 3.0\x00", 2**32),
+)
+# TIFF field type -> bytes per value, as Pillow's Exif reader knows them (it skips other types)
+_TIFF_UNITS = {t: size for t, (size, _) in TiffImagePlugin.ImageFileDirectory_v2._load_dispatch.items()}
+_ORIENTATION, _X_RESOLUTION, _RESOLUTION_UNIT = 0x0112, 0x011A, 0x0128
+_SHORT, _RATIONAL = 3, 5
+
+
+def scan_jpeg_header(data: bytes | bytearray | memoryview, limits: ImageLimits) -> JpegHeader | None:
+    """The header of a plain JPEG read without Pillow (a few microseconds where Pillow's `open` and
+    `getexif` take 50-175 us an image, serially, on the GPU path), or None: then Pillow reads it.
+
+    Not None only where Pillow would open the bytes as format JPEG in mode RGB or L (`is_fast_jpeg`)
+    with this size and EXIF orientation, within `limits`: 8-bit baseline, extended or progressive DCT,
+    1 or 3 components; the segments Pillow parses are checked as Pillow checks them (SOF, DQT, JFIF,
+    ICC, Adobe, the Exif block's first directory). Anything unusual (MPO, XMP, several Exif blocks,
+    other markers, stray bytes, over a limit) is None, and Pillow decides as before; tests hold the two
+    to the same answers on generated and fuzzed files."""
+    n = len(data)
+    if n < 4 or n > limits.max_bytes or limits.formats is None or "JPEG" not in limits.formats:
+        return None
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos, size, exif, dpi = 2, None, None, False
+    while True:
+        if pos + 4 > n:
+            return None
+        ff, marker, length = _SEGMENT.unpack_from(data, pos)
+        end = pos + 2 + length
+        if ff != 0xFF or length < 2 or end > n:
+            return None
+        if marker == 0xDA:  # start of scan: the header is complete
+            break
+        if marker in (0xC0, 0xC1, 0xC2):
+            seg = bytes(data[pos + 4 : end])
+            if size is not None or len(seg) < 6 or (len(seg) - 6) % 3 or seg[0] != 8 or seg[5] not in (1, 3):
+                return None
+            size = (int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big"))
+        elif marker == 0xDB:
+            at = pos + 4
+            while at < end:  # Pillow's check: whole 8- or 16-bit tables
+                at += 1 + 64 * (1 if data[at] < 16 else 2)
+            if at > end:
+                return None
+        elif 0xE0 <= marker <= 0xEF:
+            head = bytes(data[pos + 4 : min(end, pos + 36)])
+            if any(marker == m and head.startswith(p) and length - 2 < k for m, p, k in _APP_MIN_LENGTH):
+                return None
+            if marker == 0xE0 and head.startswith(b"JFIF"):
+                dpi = dpi or (length >= 14 and head[7] in (1, 2))  # then Pillow reads no dpi from Exif
+            elif marker == 0xE1 and head.startswith(b"Exif\0\0"):
+                if exif is not None:  # Pillow joins several: rare, Pillow reads them
+                    return None
+                exif = bytes(data[pos + 10 : end])
+        elif marker not in _SKIPPED_MARKERS:
+            return None
+        pos = end
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return None
+    pixels = size[0] * size[1]
+    if pixels > limits.max_pixels or (Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS):
+        return None
+    orientation = 1 if exif is None else _exif_orientation(exif, read_dpi=not dpi)
+    return None if orientation is None else JpegHeader(*size, orientation)
+
+
+def _exif_orientation(tiff: bytes, *, read_dpi: bool) -> int | None:
+    """The orientation in an Exif block's first directory (`tiff`: the block after "Exif\\0\\0") as
+    Pillow's `getexif` reads it, or None where Pillow could read it otherwise or fail `open` on it: a
+    directory or value past the block's end (Pillow stops reading there), an unusual orientation field,
+    and, when Pillow reads the dpi from Exif (`read_dpi`), unusual resolution fields."""
+    if len(tiff) < 8 or tiff.startswith(b"Exif\0\0"):
+        return None
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(tiff[:4])
+    if order is None:
+        return None
+    (ifd,) = struct.unpack_from(order + "L", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return None
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    if ifd + 2 + 12 * count > len(tiff):
+        return None
+    entry = struct.Struct(order + "HHL4s")
+    found: dict[int, tuple[int, int, bytes]] = {}
+    for i in range(count):
+        tag, typ, values, raw = entry.unpack_from(tiff, ifd + 2 + 12 * i)
+        unit = _TIFF_UNITS.get(typ)
+        if unit is None:  # Pillow skips fields of unknown types
+            continue
+        if unit * values > 4 and struct.unpack_from(order + "L", raw)[0] + unit * values > len(tiff):
+            return None
+        if tag in (_ORIENTATION, _X_RESOLUTION, _RESOLUTION_UNIT):
+            if tag in found:
+                return None
+            found[tag] = (typ, values, raw)
+    for tag, want in ((_X_RESOLUTION, _RATIONAL), (_RESOLUTION_UNIT, _SHORT)):
+        if read_dpi and tag in found and found[tag][:2] != (want, 1):
+            return None
+    if _ORIENTATION not in found:
+        return 1
+    typ, values, raw = found[_ORIENTATION]
+    if (typ, values) != (_SHORT, 1):
+        return None
+    (value,) = struct.unpack_from(order + "H", raw)
+    return value if 1 <= value <= 8 else 1
+
+
 def is_fast_jpeg(img: Image.Image) -> bool:
     """An opened image that torchvision's JPEG decoders (CPU and nvjpeg) can take."""
     return img.format == "JPEG" and img.mode in _FAST_JPEG_MODES
@@ -195,17 +324,30 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(to_rgb(img))
 
 
+def read_header(
+    data: bytes | bytearray | memoryview | None, limits: ImageLimits
+) -> tuple[JpegHeader | None, Image.Image | None]:
+    """(header, None) for a plain JPEG, scanned without Pillow (`scan_jpeg_header`); otherwise Pillow
+    opens it, raising `open_image`'s typed errors: (its header if torchvision's JPEG decoders take it
+    (`is_fast_jpeg`), else None; the opened image)."""
+    header = scan_jpeg_header(data, limits) if data is not None else None
+    if header is not None:
+        return header, None
+    img = open_image(data, limits)
+    return (JpegHeader(img.width, img.height, exif_orientation(img)) if is_fast_jpeg(img) else None), img
+
+
 def decode_tensor(data: bytes | bytearray | memoryview | None, limits: ImageLimits) -> torch.Tensor:
     """Untrusted bytes -> uint8 [3, H, W] on the CPU; same pixels as `decode_image`."""
-    img = open_image(data, limits)
+    header, img = read_header(data, limits)
     assert data is not None
-    if is_fast_jpeg(img):
+    if header is not None:
         try:
             x = tvio.decode_jpeg(as_uint8_tensor(data), mode=tvio.ImageReadMode.RGB)
-            return apply_orientation(x, exif_orientation(img)).contiguous()
+            return apply_orientation(x, header.orientation).contiguous()
         except Exception:  # anything torchvision refuses, Pillow decides (and types the error)
             pass
-    return pil_to_tensor(_load(img, limits))
+    return pil_to_tensor(_load(img if img is not None else open_image(data, limits), limits))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

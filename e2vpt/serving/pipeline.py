@@ -1,8 +1,9 @@
 """`ImagePipeline`: a batch of encoded images -> one normalised input tensor per item, in batches.
 
-decode(): every header is read and checked first (format allowed, bytes, pixels, bombs). On a CUDA
-engine, baseline JPEGs of at least `gpu_min_pixels` are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
-EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
+decode(): every header is read and checked first (format allowed, bytes, pixels, bombs; plain JPEGs
+scanned without Pillow, `read_header`). On a CUDA engine, baseline JPEGs of at least `gpu_min_pixels`
+are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list; EXIF orientation,
+which torchvision applies only on the CPU, then applied as tensor ops);
 every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
 decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
 one corrupt file fails its own item only (typed, `InvalidImage` / `ImageTooLarge`).
@@ -31,9 +32,7 @@ from e2vpt.core.images import (
     apply_orientation,
     as_uint8_tensor,
     decode_tensor,
-    exif_orientation,
-    is_fast_jpeg,
-    open_image,
+    read_header,
 )
 from e2vpt.errors import E2VPTError, InvalidImage
 
@@ -109,10 +108,10 @@ class ImagePipeline:
                 cpu.append(i)
                 continue
             try:
-                img = open_image(data, limits)
-                if is_fast_jpeg(img) and img.width * img.height >= self.gpu_min_pixels:
+                header, _ = read_header(data, limits)
+                if header is not None and header.width * header.height >= self.gpu_min_pixels:
                     gpu.append(i)
-                    orientation.append(exif_orientation(img))
+                    orientation.append(header.orientation)
                 else:
                     cpu.append(i)
             except Exception as exc:
