@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from e2vpt.core.backbone import load_backbone  # noqa: E402
 from e2vpt.core.images import ImageLimits, decode_image, exif_orientation, open_image, read_header  # noqa: E402
-from e2vpt.dev.images import photo_jpeg, pil_reference_transform  # noqa: E402
+from e2vpt.dev.images import photo_jpeg, pil_reference_transform, with_exif  # noqa: E402
 from e2vpt.serving.pipeline import ImagePipeline  # noqa: E402
 
 
@@ -81,16 +81,6 @@ def overlap(pipe: ImagePipeline, batch: list[bytes], device: torch.device, secon
     both_s = timed(both, seconds, device)
     return {"method": "overlap", "batch": len(batch), "decode_ms": decode_s * 1e3, "compute_ms": compute_s * 1e3,
             "both_ms": both_s * 1e3, "overlap": (decode_s + compute_s) / both_s}  # fmt: skip
-
-
-def with_exif(data: bytes) -> bytes:
-    """The JPEG with an Exif block (orientation 6, 300 dpi) after its start marker, as a phone writes one."""
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif[0x0112], exif[0x011A], exif[0x0128] = 6, 300.0, 2
-    block = exif.tobytes()
-    return data[:2] + b"\xff\xe1" + (len(block) + 2).to_bytes(2, "big") + block + data[2:]
 
 
 def headers(files: list[bytes], limits: ImageLimits, seconds: float) -> list[dict[str, Any]]:

@@ -53,6 +53,14 @@ def photo_jpeg(seed: int, size: tuple[int, int] = (640, 480), quality: int = 90)
     return buf.getvalue()
 
 
+def with_exif(data: bytes, orientation: int = 6) -> bytes:
+    """A JPEG with an Exif block (this orientation, 300 dpi) after its start marker, as a phone writes one."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x011A], exif[0x0128] = orientation, 300.0, 2
+    block = exif.tobytes()
+    return data[:2] + b"\xff\xe1" + (len(block) + 2).to_bytes(2, "big") + block + data[2:]
+
+
 def pil_reference_transform(
     info: BackboneInfo, recipe: str = "vtab"
 ) -> Callable[[Image.Image], torch.Tensor]:

@@ -14,7 +14,7 @@ from PIL import Image
 from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import ImageLimits, decode_image, decode_tensor, eval_transform, pil_to_tensor
-from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb
+from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb, with_exif
 from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
@@ -174,7 +174,8 @@ def test_gpu_decode_path() -> None:
     info = tiny_backbone().info
     pipe = ImagePipeline(info, ImageLimits(), "cuda", threads=2)
     try:
-        photos = [photo_jpeg(1), photo_jpeg(2, (512, 384))]  # >= gpu_min_pixels: nvjpeg
+        # >= gpu_min_pixels: nvjpeg (the last one's header, scanned without Pillow, says: rotate 90 degrees)
+        photos = [photo_jpeg(1), photo_jpeg(2, (512, 384)), with_exif(photo_jpeg(3, (400, 300)), 6)]
         good = [*photos, *good_images()]  # small ones: the CPU decoders (libjpeg's pixels, as in training)
         poison = [d for d, _ in poison_images().values()]
         out = pipe.decode([*good, *poison])
