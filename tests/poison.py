@@ -4,9 +4,11 @@ TorchServe, fuzz seeds) takes them from here, each with the typed error it must 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import replace
 
 import torch
+from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from e2vpt.core.backbone import BackboneInfo
@@ -117,3 +119,38 @@ def broken_in_memory(
         ),
         "kv [L,1,7,0,13]": (replace(ps, kv=torch.zeros(info.depth, 1, 7, 0, 13)), IncompatiblePromptSet),
     }
+
+
+# values that land on length, count and offset fields (0, 1, boundaries, JPEG segment lengths, markers)
+SPECIAL_BYTES = (0x00, 0x01, 0x03, 0x08, 0x7F, 0x80, 0xC2, 0xDA, 0xE1, 0xFF)
+SPECIAL_INTS = (0, 1, 2, 6, 7, 14, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF)
+
+
+def mutate(draw: st.DrawFn, seed: bytes, header: int = 64, *, header_only: bool = False) -> bytes:
+    """1-4 mutations of a file (bit flips, special bytes, 16/32-bit integers either endian, truncation,
+    inserted or deleted runs); half of them (all, `header_only`) in its first `header` bytes."""
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(1, 4))):
+        if not data:
+            break
+        hi = len(data) - 1 if not header_only and draw(st.booleans()) else min(header - 1, len(data) - 1)
+        pos = draw(st.integers(0, max(0, hi)))
+        kind = draw(st.sampled_from(("flip", "byte", "int", "truncate", "insert", "delete")))
+        if kind == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "byte":
+            data[pos] = draw(st.sampled_from((*SPECIAL_BYTES, draw(st.integers(0, 255)))))
+        elif kind == "int":
+            fmt = draw(st.sampled_from(("<H", ">H", "<I", ">I")))
+            value = draw(st.sampled_from((*SPECIAL_INTS, draw(st.integers(0, 2**32 - 1)))))
+            if pos + struct.calcsize(fmt) <= len(data):
+                data[pos : pos + struct.calcsize(fmt)] = struct.pack(
+                    fmt, value % 2 ** (8 * struct.calcsize(fmt))
+                )
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[pos : pos + draw(st.integers(1, 16))]
+    return bytes(data)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import struct
 from functools import cache
 
 import pytest
@@ -21,6 +20,7 @@ from PIL import Image
 
 from e2vpt.core.images import ImageLimits, decode_image, decode_tensor
 from e2vpt.errors import ImageTooLarge, InvalidImage
+from tests.poison import mutate
 
 EXAMPLES = int(os.environ.get("E2VPT_IMAGE_FUZZ_EXAMPLES", "3000"))
 MODES = ("RGB", "L", "RGBA", "P", "1", "I;16", "CMYK", "LA", "I", "F")
@@ -68,31 +68,8 @@ def check(data: bytes) -> None:
 
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
-    fmt, mode, seed = draw(st.sampled_from(seed_files()))
-    data = bytearray(seed)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(("flip", "byte", "int32", "truncate", "insert", "delete")))
-        if not data:
-            break
-        # header bytes matter most: half the mutations land in the first 64 bytes
-        hi = len(data) - 1 if draw(st.booleans()) else min(63, len(data) - 1)
-        pos = draw(st.integers(0, hi))
-        if kind == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "byte":
-            data[pos] = draw(st.sampled_from((0x00, 0xFF, 0x7F, 0x80, draw(st.integers(0, 255)))))
-        elif kind == "int32" and pos + 4 <= len(data):
-            value = draw(
-                st.sampled_from((0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, draw(st.integers(0, 2**32 - 1))))
-            )
-            data[pos : pos + 4] = struct.pack(draw(st.sampled_from(("<I", ">I"))), value)
-        elif kind == "truncate":
-            del data[pos:]
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        elif kind == "delete":
-            del data[pos : pos + draw(st.integers(1, 16))]
-    return bytes(data)
+    """A seed file mutated; header bytes matter most: half the mutations land in the first 64 bytes."""
+    return mutate(draw, draw(st.sampled_from(seed_files()))[2])
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -32,6 +32,7 @@ from e2vpt.core.images import (
     scan_jpeg_header,
 )
 from e2vpt.errors import E2VPTError
+from tests.poison import mutate
 
 EXAMPLES = int(os.environ.get("E2VPT_JPEG_HEADER_FUZZ_EXAMPLES", "3000"))
 LIMITS = ImageLimits(max_pixels=1_000_000)
@@ -196,31 +197,9 @@ def test_decode_tensor_is_unchanged_by_the_scan(monkeypatch: pytest.MonkeyPatch)
 
 @st.composite
 def mutated_header(draw: st.DrawFn) -> bytes:
-    """A common file with 1-4 mutations, most of them in its header (before the scan data)."""
-    data = bytearray(draw(st.sampled_from(list(common_files().values()))))
-    sos = data.find(b"\xff\xda")
-    for _ in range(draw(st.integers(1, 4))):
-        if not data:
-            break
-        pos = draw(st.integers(0, max(0, min(sos + 12, len(data) - 1))))
-        kind = draw(st.sampled_from(("flip", "byte", "short", "truncate", "insert", "delete")))
-        if kind == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "byte":
-            data[pos] = draw(
-                st.sampled_from((0x00, 0x01, 0x03, 0x08, 0xC2, 0xDA, 0xE1, 0xFF, draw(st.integers(0, 255))))
-            )
-        elif kind == "short" and pos + 2 <= len(data):
-            data[pos : pos + 2] = struct.pack(
-                ">H", draw(st.sampled_from((0, 1, 2, 6, 7, 14, 0xFFFF, draw(st.integers(0, 0xFFFF)))))
-            )
-        elif kind == "truncate":
-            del data[pos:]
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "delete":
-            del data[pos : pos + draw(st.integers(1, 8))]
-    return bytes(data)
+    """A common file with 1-4 mutations in its header (up to its scan's first bytes)."""
+    data = draw(st.sampled_from(list(common_files().values())))
+    return mutate(draw, data, data.find(b"\xff\xda") + 12, header_only=True)
 
 
 def test_mutated_headers_agree_with_pillow() -> None:
