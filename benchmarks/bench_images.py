@@ -90,8 +90,8 @@ def headers(files: list[bytes], limits: ImageLimits, seconds: float) -> list[dic
         return exif_orientation(open_image(data, limits))
 
     def scan(data: bytes) -> int:
-        header, _ = read_header(data, limits)
-        assert header is not None
+        header, img = read_header(data, limits)
+        assert header is not None and img is None  # answered by the scan, not by Pillow
         return header.orientation
 
     rows = []

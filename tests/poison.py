@@ -143,10 +143,9 @@ def mutate(draw: st.DrawFn, seed: bytes, header: int = 64, *, header_only: bool 
         elif kind == "int":
             fmt = draw(st.sampled_from(("<H", ">H", "<I", ">I")))
             value = draw(st.sampled_from((*SPECIAL_INTS, draw(st.integers(0, 2**32 - 1)))))
-            if pos + struct.calcsize(fmt) <= len(data):
-                data[pos : pos + struct.calcsize(fmt)] = struct.pack(
-                    fmt, value % 2 ** (8 * struct.calcsize(fmt))
-                )
+            width = struct.calcsize(fmt)
+            if pos + width <= len(data):
+                data[pos : pos + width] = struct.pack(fmt, value % 2 ** (8 * width))
         elif kind == "truncate":
             del data[pos:]
         elif kind == "insert":
