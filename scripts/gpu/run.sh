@@ -7,15 +7,22 @@
 # Needs .gpu_kit/ from scripts/gpu/prepare.sh. Steps (each under `timeout`, the whole run under
 # KIT_BUDGET_S seconds (510), only the steps named in KIT_STEPS when set; a failing step is recorded and
 # the run goes on):
-#   install   the carried wheels into $SITE (pip --no-index --no-deps --target); PYTHONPATH=$SITE:$PWD
+#   install   the carried wheels into $SITE (pip --no-index --no-deps --target); PYTHONPATH=$SITE:$PWD;
+#             $SITE/bin (torchserve, torch-model-archiver) on PATH
+#   unpack    redis.tar.xz and java.tar.xz into the run's temp dir; the carried Java runtime becomes JAVA_HOME
+#             and the first java on PATH, and its model-server.jar goes back into the installed torchserve
 #   redis     the carried redis-server (own loader, LD_LIBRARY_PATH) on a free port in a temp dir: REDIS_URL,
 #             and on PATH for the tests that start their own
 #   pytest_cuda   pytest -m cuda over all tests
-#   bench_gpu     benchmarks/bench_gpu.py (full on CUDA, --quick on a CPU) -> gpu_<device>.json
+#   bench_gpu     benchmarks/bench_gpu.py (full on CUDA, --quick on a CPU) -> gpu_<device>.json, all sections
+#                 but TorchServe's
+#   bench_http    bench_gpu.py --only http,ceiling: the product's .mar through TorchServe with 100 tasks at
+#                 concurrency 64 on the device's engine, and the null engine's ceiling -> gpu_<device>_http.json
 #   bench_*       bench_attention / bench_assembly / bench_images / bench_model with --device cuda (those present)
 #   pytest_tests  tests/core and tests/serving (E2VPT_DEVICE=cuda when the tests read it)
-# $OUT gets at most 8 files (the device tool's limit): summary.md, gpu_<device>.json, bench_gpu.log,
-# pytest_cuda.log, pytest_tests.log, kit.tar.gz (every log, other results, junit XML).
+# $OUT gets at most 8 files (the device tool's limit): summary.md, gpu_<device>.json, gpu_<device>_http.json,
+# bench_gpu.log, bench_http.log, pytest_cuda.log, pytest_tests.log, kit.tar.gz (every log, other results,
+# junit XML).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
@@ -79,14 +86,40 @@ if [ "${KIT_INSTALL:-1}" = 1 ]; then
     rm -rf "$SITE/e2vpt" "$SITE/training"
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$SITE/bin" ] && export PATH="$SITE/bin:$PATH"   # torchserve, torch-model-archiver
+
+# ---- the carried native parts: redis-server, and a Java runtime with TorchServe's front end (when carried)
+UNPACK=$WORK/kit
+mkdir -p "$UNPACK"
+for part in redis java; do
+    if [ -f "$KIT/$part.tar.xz" ]; then
+        t0=$(date +%s)
+        # Python's tarfile: the device image may lack the xz tool, never Python's lzma
+        if "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="tar")' \
+            "$KIT/$part.tar.xz" "$UNPACK" >> "$WORK/logs/environment.log" 2>&1; then
+            echo "| unpack $part | 0 | $(( $(date +%s) - t0 )) | |" >> "$SUMMARY"
+        else
+            echo "| unpack $part | 1 | $(( $(date +%s) - t0 )) | $KIT/$part.tar.xz did not unpack |" >> "$SUMMARY"
+        fi
+    fi
+done
+if [ -x "$UNPACK/java/jre/bin/java" ] && "$UNPACK/java/jre/bin/java" -version > "$WORK/logs/java.log" 2>&1; then
+    export JAVA_HOME=$UNPACK/java/jre PATH="$UNPACK/java/jre/bin:$PATH"   # TorchServe reads JAVA_HOME
+    if [ "${KIT_INSTALL:-1}" = 1 ] && [ -d "$SITE/ts" ]; then   # the carried wheel has no frontend/ left
+        mkdir -p "$SITE/ts/frontend" && cp "$UNPACK/java/model-server.jar" "$SITE/ts/frontend/"
+    fi
+    echo "| java | 0 | 0 | $(head -1 "$WORK/logs/java.log") at $JAVA_HOME |" >> "$SUMMARY"
+elif [ -f "$KIT/java.tar.xz" ]; then
+    echo "| java | 1 | 0 | the carried Java runtime does not run: see java.log |" >> "$SUMMARY"
+fi
 "$PY" -c 'import pydantic, pydantic_settings, redis, timm, e2vpt.serving.engine; print("imports ok: timm", timm.__version__)' \
     >> "$WORK/logs/environment.log" 2>&1 || echo "| imports | 1 | 0 | e2vpt.serving.engine does not import: see environment.log |" >> "$SUMMARY"
 
 # ---- Redis: the carried redis-server (its own loader and libraries), else one on PATH
 REDIS_BIN=""
-if [ -x "$KIT/redis/bin/redis-server" ] && "$KIT/redis/bin/redis-server" --version > /dev/null 2>&1; then
-    REDIS_BIN=$KIT/redis/bin/redis-server
-    export PATH="$KIT/redis/bin:$PATH"   # tests that start their own redis-server find this one
+if [ -x "$UNPACK/redis/bin/redis-server" ] && "$UNPACK/redis/bin/redis-server" --version > /dev/null 2>&1; then
+    REDIS_BIN=$UNPACK/redis/bin/redis-server
+    export PATH="$UNPACK/redis/bin:$PATH"   # tests that start their own redis-server find this one
 elif command -v redis-server > /dev/null; then
     REDIS_BIN=$(command -v redis-server)
 fi
@@ -126,9 +159,12 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-erro
 # ---- the CUDA tests (skip cleanly without a GPU)
 step pytest_cuda 150 "${PYTEST[@]}" -m cuda --junitxml="$WORK/results/junit_cuda.xml" tests
 
-# ---- the GPU benchmark (its own budget, so that it ends inside the step and writes its JSON)
-step bench_gpu 240 "$PY" benchmarks/bench_gpu.py --device "$DEV" $QUICK --budget-s 180 \
-    --out "$WORK/results/gpu_$DEV.json" ${BENCH_GPU_ARGS:-$([ "$HAS_CUDA" = 1 ] || echo "--http-seconds 3 --budget-s 120")}
+# ---- the GPU benchmark (its own budget, so that it ends inside the step and writes its JSON); TorchServe's
+# sections in their own step, each with its own budget
+step bench_gpu 240 "$PY" benchmarks/bench_gpu.py --device "$DEV" $QUICK --budget-s 180 --skip http,ceiling \
+    --out "$WORK/results/gpu_$DEV.json" ${BENCH_GPU_ARGS:-$([ "$HAS_CUDA" = 1 ] || echo "--budget-s 120")}
+step bench_http 150 "$PY" benchmarks/bench_gpu.py --device "$DEV" $QUICK --budget-s 110 --only http,ceiling \
+    --out "$WORK/results/gpu_${DEV}_http.json" ${BENCH_HTTP_ARGS:-$([ "$HAS_CUDA" = 1 ] || echo "--http-seconds 3")}
 
 # ---- the other benchmarks on the device (those present), each with the arguments it takes
 bench() {  # bench NAME LIMIT_S ARGS...
@@ -163,12 +199,14 @@ step pytest_tests 120 "${TEST_ENV[@]}" "${PYTEST[@]}" --junitxml="$WORK/results/
         [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '(passed|failed|error|skipped|no tests ran)' "$f" | tail -1)"
     done
     echo
-    echo "## bench_gpu summary"
-    sed -n '/^## summary/,$p' "$WORK/logs/bench_gpu.log" 2>/dev/null
+    for f in bench_gpu bench_http; do
+        echo "## $f summary"
+        sed -n '/^## summary/,$p' "$WORK/logs/$f.log" 2>/dev/null
+    done
 } >> "$SUMMARY"
 cp "$SUMMARY" "$OUT/summary.md"
-cp "$WORK/results/gpu_$DEV.json" "$OUT/" 2>/dev/null || true
-for f in bench_gpu pytest_cuda pytest_tests; do cp "$WORK/logs/$f.log" "$OUT/$f.log" 2>/dev/null || true; done
+cp "$WORK/results/gpu_$DEV.json" "$WORK/results/gpu_${DEV}_http.json" "$OUT/" 2>/dev/null || true
+for f in bench_gpu bench_http pytest_cuda pytest_tests; do cp "$WORK/logs/$f.log" "$OUT/$f.log" 2>/dev/null || true; done
 tar -czf "$OUT/kit.tar.gz" -C "$WORK" logs results summary.md
 echo "[kit] total $(( $(date +%s) - START ))s; files in $OUT:"; ls -la "$OUT"
 cat "$SUMMARY"
