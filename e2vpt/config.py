@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     image_reduce_pixels: int = 1_000_000
     # Threads decoding and resizing images (CPU decoders, and non-JPEG images on a CUDA engine); 0: min(8, cores).
     image_decode_threads: int = 0
-    # On a CUDA engine, decode baseline JPEGs on the GPU (torchvision's nvjpeg decoder) in one batch.
+    # On a CUDA engine, decode complete JPEGs (headers scanned, ending with the end-of-image marker) on the GPU
+    # (torchvision's nvjpeg decoder) in one batch; truncated ones take the CPU path (its 400 on every device).
     image_gpu_decode: bool = True
     # ... but only JPEGs of at least this many pixels: nvjpeg's chroma upsampling differs from libjpeg's (what
     # training decodes with); on an H200, 640x480: <= 1 grey level, top-1 100%; 32x32: up to 64, top-1 92%.

@@ -1,8 +1,8 @@
 """`ImagePipeline`: a batch of encoded images -> one normalised input tensor per item, in batches.
 
 decode(): every header is read and checked first (format allowed, bytes, pixels, bombs; plain JPEGs
-scanned without Pillow, `read_header`). On a CUDA engine, baseline JPEGs of at least `gpu_min_pixels`
-are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list; EXIF orientation,
+scanned without Pillow, `read_header`). On a CUDA engine, complete JPEGs of at least `gpu_min_pixels`
+(`nvjpeg_decodes`) are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list; EXIF orientation,
 which torchvision applies only on the CPU, then applied as tensor ops);
 every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
 decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
@@ -28,6 +28,7 @@ from e2vpt.config import GPU_DECODE_MIN_PIXELS
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import (
     ImageLimits,
+    JpegHeader,
     Preprocess,
     apply_orientation,
     as_uint8_tensor,
@@ -39,6 +40,17 @@ from e2vpt.errors import E2VPTError, InvalidImage
 log = logging.getLogger(__name__)
 
 Decoded = torch.Tensor | E2VPTError
+JPEG_EOI = b"\xff\xd9"
+
+
+def nvjpeg_decodes(header: JpegHeader, data: bytes | bytearray | memoryview, min_pixels: int) -> bool:
+    """Whether a CUDA engine decodes this plain JPEG (its header scanned by `read_header`) with nvjpeg: at
+    least `min_pixels` (smaller ones get libjpeg's pixels, what training saw), and its data ends with the
+    end-of-image marker. A truncated upload is refused by libjpeg (Pillow's "image file is truncated": a 400
+    on the CPU engine), while a hardware decoder may decode what is there and answer: so it never reaches
+    nvjpeg, and gets the same 400 on every device. Complete files with bytes after the marker take the CPU
+    path too (rare; Pillow reads them)."""
+    return header.width * header.height >= min_pixels and data[-2:] == JPEG_EOI
 
 
 def _typed(exc: Exception) -> E2VPTError:
@@ -109,7 +121,7 @@ class ImagePipeline:
                 continue
             try:
                 header, _ = read_header(data, limits)
-                if header is not None and header.width * header.height >= self.gpu_min_pixels:
+                if header is not None and nvjpeg_decodes(header, data, self.gpu_min_pixels):
                     gpu.append(i)
                     orientation.append(header.orientation)
                 else:

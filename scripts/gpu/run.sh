@@ -157,7 +157,7 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-erro
         --ignore=tests/registry/test_registry_fuzz.py)   # schemathesis is not carried
 
 # ---- the CUDA tests (skip cleanly without a GPU)
-step pytest_cuda 150 "${PYTEST[@]}" -m cuda --junitxml="$WORK/results/junit_cuda.xml" tests
+step pytest_cuda 200 "${PYTEST[@]}" -m cuda --junitxml="$WORK/results/junit_cuda.xml" tests
 
 # ---- the GPU benchmark (its own budget, so that it ends inside the step and writes its JSON); TorchServe's
 # sections in their own step, each with its own budget

@@ -11,14 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from e2vpt.config import Settings
+from e2vpt.config import GPU_DECODE_MIN_PIXELS, Settings
 from e2vpt.core.backbone import Backbone
-from e2vpt.core.images import ImageLimits, decode_image, decode_tensor, eval_transform, pil_to_tensor
+from e2vpt.core.images import (
+    ImageLimits,
+    decode_image,
+    decode_tensor,
+    eval_transform,
+    pil_to_tensor,
+    read_header,
+)
 from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb, with_exif
 from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
-from e2vpt.serving.pipeline import ImagePipeline
+from e2vpt.serving.pipeline import ImagePipeline, nvjpeg_decodes
 from tests.helpers import make_set, tiny_backbone
 from tests.serving_helpers import offline_predict
 
@@ -39,8 +46,12 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
     assert b"pitm" in avif
     dds = bytearray(image_bytes(4, (32, 32), "DDS"))
     dds[80:84] = struct.pack("<I", 0xB90000)  # pixel format flags
+    photo = photo_jpeg(6)
     return {
         "truncated-jpeg": (jpeg[: len(jpeg) // 2], InvalidImage),
+        # an interrupted upload of a photo: its header is whole (scanned), so on CUDA only the missing
+        # end-of-image marker keeps it from nvjpeg (`nvjpeg_decodes`)
+        "truncated-photo": (photo[: len(photo) * 2 // 3], InvalidImage),
         "jpeg-header-only": (jpeg[:200], InvalidImage),
         # these two raised RuntimeError / NotImplementedError from Pillow, untyped, before (issue 13)
         "avif-no-primary-item": (avif.replace(b"pitm", b"\0\0\0\0", 1), InvalidImage),
@@ -162,6 +173,31 @@ def test_engine_poison_batch_good_items_all_succeed(
         engine.close()
 
 
+def test_nvjpeg_takes_only_complete_jpegs_large_enough() -> None:
+    """The CUDA engine's routing, checked on any machine: a whole photo goes to nvjpeg; the same photo cut
+    anywhere in its data (the header still scans) or followed by extra bytes, and small JPEGs, go to the
+    CPU decoders, which refuse the cut ones (the 400 every device gives) and read the others."""
+    limits = ImageLimits()
+    photo = photo_jpeg(1)
+    header, _ = read_header(photo, limits)
+    assert header is not None and nvjpeg_decodes(header, photo, GPU_DECODE_MIN_PIXELS)
+    assert nvjpeg_decodes(header, memoryview(photo), GPU_DECODE_MIN_PIXELS)  # as the request parser gives it
+    assert not nvjpeg_decodes(header, photo, 640 * 480 + 1)  # below the size that pays on the GPU
+    for cut in (len(photo) // 2, len(photo) - 2, len(photo) - 1):
+        data = photo[:cut]
+        header, _ = read_header(data, limits)
+        assert header is not None and not nvjpeg_decodes(header, data, GPU_DECODE_MIN_PIXELS), cut
+        with pytest.raises(InvalidImage, match="truncated"):
+            decode_tensor(data, limits)
+    trailing = photo + b"\0" * 16
+    header, _ = read_header(trailing, limits)
+    assert header is not None and not nvjpeg_decodes(header, trailing, GPU_DECODE_MIN_PIXELS)
+    assert torch.equal(decode_tensor(trailing, limits), decode_tensor(photo, limits))
+    small = image_bytes(10, (64, 48), "JPEG")
+    header, _ = read_header(small, limits)
+    assert header is not None and not nvjpeg_decodes(header, small, GPU_DECODE_MIN_PIXELS)
+
+
 @pytest.mark.cuda
 def test_gpu_decode_path() -> None:
     """nvjpeg decodes the batch's JPEGs on the device; the rest come from the thread pool; poison items
@@ -176,7 +212,8 @@ def test_gpu_decode_path() -> None:
     try:
         # >= gpu_min_pixels: nvjpeg (the last one's header, scanned without Pillow, says: rotate 90 degrees)
         photos = [photo_jpeg(1), photo_jpeg(2, (512, 384)), with_exif(photo_jpeg(3, (400, 300)), 6)]
-        good = [*photos, *good_images()]  # small ones: the CPU decoders (libjpeg's pixels, as in training)
+        # small ones, and a photo with bytes after its end: the CPU decoders (libjpeg's pixels, as in training)
+        good = [*photos, *good_images(), photo_jpeg(4) + b"\0" * 16]
         poison = [d for d, _ in poison_images().values()]
         out = pipe.decode([*good, *poison])
         for j, (data, x) in enumerate(zip(good, out[: len(good)], strict=True)):

@@ -27,7 +27,7 @@ from e2vpt.torchserve.adapter import WORKER_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
 from tests.helpers import TINY, RedisServer
 from tests.poison import deep_json
-from tests.serving_helpers import offline_predict
+from tests.serving_helpers import burst, offline_predict
 
 pytestmark = [
     pytest.mark.integration,
@@ -86,34 +86,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert not killed, "TorchServe did not exit on SIGTERM (or stop() missed its exit)"
 
 
-async def _send(
-    client: httpx.AsyncClient, url: str, kind: str, task: str | None, data: bytes
-) -> httpx.Response:
-    headers = {} if task is None or kind != "raw" else {"X-Task-Id": task}
-    if kind == "raw":
-        return await client.post(
-            url, content=data, headers={**headers, "Content-Type": "application/octet-stream"}
-        )
-    if kind == "json":
-        body = {"image": base64.b64encode(data).decode(), **({"task_id": task} if task else {})}
-        return await client.post(url, json=body)
-    files = {"image": ("x.png", data, "image/png")}
-    return await client.post(url, data={"task_id": task} if task else {}, files=files)
-
-
-def burst(
-    served: Served, requests: list[tuple[str, str | None, bytes]], token: bool = True
-) -> list[httpx.Response]:
-    """Send all requests at once (so TorchServe batches them together); (kind, task, image)."""
-
-    async def run() -> list[httpx.Response]:
-        headers = served.ts.auth() if token else {}
-        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
-            return await asyncio.gather(*(_send(client, served.ts.predictions_url, *r) for r in requests))
-
-    return asyncio.run(run())
-
-
 def test_requests_without_token_are_refused(served: Served) -> None:
     img = image_bytes(1)
     for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -138,7 +110,7 @@ def test_concurrent_mixed_requests_match_offline_model(served: Served) -> None:
     kinds = ["raw", "json", "multipart"]
     reqs = [(kinds[i % 3], f"t{1 + i % 3}", image_bytes(100 + i, (40 + i, 32 + i % 5))) for i in range(24)]
     sets = {t: served.store.get(t)[0] for t in ("t1", "t2", "t3")}
-    for (_, task, img), r in zip(reqs, burst(served, reqs), strict=True):
+    for (_, task, img), r in zip(reqs, burst(served.ts, reqs), strict=True):
         assert r.status_code == 200, r.text
         body = r.json()
         expected = offline_predict(served.backbone, sets[task], img, top_k=3)
@@ -161,7 +133,7 @@ def test_each_bad_item_gets_its_status_while_the_rest_succeed(served: Served) ->
         ("json", "t2", good),
         ("multipart", "t3", good),
     ]
-    statuses = [r.status_code for r in burst(served, reqs)]
+    statuses = [r.status_code for r in burst(served.ts, reqs)]
     assert statuses == [200, 404, 400, 400, 400, 413, 413, 400, 200, 200]
 
 
@@ -220,7 +192,7 @@ def test_poison_items_fail_alone_in_shared_batches(served: Served) -> None:
 def test_task_registered_while_serving_is_served_at_once(served: Served) -> None:
     ps = make_set("t4", served.backbone, 5, 4)
     version = served.store.register(ps)
-    (r,) = burst(served, [("raw", "t4", image_bytes(9))])
+    (r,) = burst(served.ts, [("raw", "t4", image_bytes(9))])
     assert r.status_code == 200 and r.json()["version"] == version
     assert [p["label"] for p in r.json()["predictions"]] == [lb for lb, _ in offline_predict(
         served.backbone, ps, image_bytes(9), 3)]  # fmt: skip
@@ -229,7 +201,7 @@ def test_task_registered_while_serving_is_served_at_once(served: Served) -> None
 def _both_workers_answered(served: Served, task: str) -> set[str]:
     seen: set[str] = set()
     for _ in range(20):
-        rs = burst(served, [("raw", task, image_bytes(i)) for i in range(16)])
+        rs = burst(served.ts, [("raw", task, image_bytes(i)) for i in range(16)])
         assert all(r.status_code == 200 for r in rs)
         seen |= {r.headers[WORKER_HEADER] for r in rs}
         if len(seen) == WORKERS:
@@ -245,7 +217,7 @@ def test_update_reaches_every_worker_within_a_second(served: Served) -> None:
     time.sleep(1.0)  # the promise: one second after registration, every worker serves the new version
     seen: set[str] = set()
     for _ in range(20):
-        rs = burst(served, [("raw", "t1", image_bytes(i)) for i in range(16)])
+        rs = burst(served.ts, [("raw", "t1", image_bytes(i)) for i in range(16)])
         assert [r.json()["version"] for r in rs] == [version] * 16
         assert all(r.json()["predictions"][0]["label"].startswith("t1-11-") for r in rs)
         seen |= {r.headers[WORKER_HEADER] for r in rs}
@@ -258,7 +230,7 @@ def test_deleted_task_returns_404(served: Served) -> None:
     _both_workers_answered(served, "t4")
     served.store.delete("t4")
     time.sleep(1.0)
-    rs = burst(served, [("raw", "t4", image_bytes(i)) for i in range(16)])
+    rs = burst(served.ts, [("raw", "t4", image_bytes(i)) for i in range(16)])
     assert [r.status_code for r in rs] == [404] * 16
     assert rs[0].json()["error"] == "task_not_found"
 
@@ -278,7 +250,9 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_expose_per_task_histogram_with_right_counts(served: Served) -> None:
     before = _scrape(served)
-    burst(served, [("raw", "t2", image_bytes(i)) for i in range(7)] + [("raw", "nope", image_bytes(1))] * 2)
+    burst(
+        served.ts, [("raw", "t2", image_bytes(i)) for i in range(7)] + [("raw", "nope", image_bytes(1))] * 2
+    )
     after = _scrape(served)
     count = "e2vpt_request_latency_seconds_count"
     assert _sample(after, count, task="t2") - _sample(before, count, task="t2") == 7
@@ -300,7 +274,7 @@ def test_redis_outage_cached_tasks_answer_others_503_and_recover(served: Served)
     served.redis.stop()
     try:
         rs = burst(
-            served, [("raw", "t2", image_bytes(i)) for i in range(8)] + [("raw", "t5", image_bytes(1))] * 4
+            served.ts, [("raw", "t2", image_bytes(i)) for i in range(8)] + [("raw", "t5", image_bytes(1))] * 4
         )
         assert [r.status_code for r in rs] == [200] * 8 + [503] * 4
         assert rs[-1].json()["error"] == "store_unavailable"
@@ -310,7 +284,7 @@ def test_redis_outage_cached_tasks_answer_others_503_and_recover(served: Served)
     statuses: list[int] = []
     while time.monotonic() < deadline:
         rs = burst(
-            served, [("raw", "t5", image_bytes(i)) for i in range(8)] + [("raw", "t2", image_bytes(1))] * 2
+            served.ts, [("raw", "t5", image_bytes(i)) for i in range(8)] + [("raw", "t2", image_bytes(1))] * 2
         )
         statuses = [r.status_code for r in rs]
         if statuses == [200] * 10:
