@@ -12,7 +12,8 @@ Sections (each recorded in the JSON, or skipped with its reason):
 - assembly: from the cached (device-resident) prompt sets of the batch's tasks to the forward's inputs.
 - compile: the torch backend with torch.compile (settings torch_compile / torch_compile_mode) vs eager.
 - engine: `MultiTaskEngine.predict` end to end from 640x480 JPEG bytes, real Redis `PromptStore` with 100
-  registered tasks, each batch's items spread uniformly over them.
+  registered tasks, each batch's items spread uniformly over them; at B = 64 also from JPEGs of 32 sizes
+  around 640x480 (uploads come in all sizes: on a GPU each size is its own resize).
 - stages: where one engine's time goes at B = 64 (torch.profiler over the engine's stage ranges: host ms
   per call, and device ms on CUDA).
 - http: TorchServe (the product's .mar) with 100 tasks at concurrency 64, where Java and TorchServe exist.
@@ -397,43 +398,52 @@ def warm_engine(engine: Any, tasks: list[str], jpegs: list[bytes]) -> None:
 
 
 def section_engine(bb: Backbone, store: Any, tasks: list[str], jpegs: list[bytes], prof: Profile,
-                   settings: Settings) -> list[dict]:  # fmt: skip
+                   settings: Settings, sized: list[bytes] | None = None) -> list[dict]:  # fmt: skip
+    """The engine from JPEG bytes at each batch size, one forward beside the micro-batch variants; then at
+    B = 64 (or the largest below) with `sized`, JPEGs of as many sizes as files (real uploads: every size
+    its own resize on the GPU; `jpegs` share one size); then two engines."""
     from e2vpt.serving.engine import MultiTaskEngine
 
     engine = MultiTaskEngine(bb, store, settings)
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict] = []
+
+    def measure(B: int, pool: list[bytes], micro_batches: list[int], label: dict[str, Any]) -> None:
+        def batch(n: int = B) -> list[RequestItem]:
+            return random_items(rng, tasks, pool, n)
+
+        # micro-batch variants (settings.engine_micro_batch), calls interleaved so drifting load hits all alike
+        variants = [0, *(m for m in micro_batches if 0 < m < B)]
+        configs = {m: settings.model_copy(update={"engine_micro_batch": m}) for m in variants}
+        lat: dict[int, list[float]] = {m: [] for m in variants}
+        errors = dict.fromkeys(variants, 0)
+        for m in variants:  # warm this batch size
+            engine.settings = configs[m]
+            engine.predict(batch())
+        t_end = time.perf_counter() + prof.engine_seconds * len(variants)
+        while min(len(v) for v in lat.values()) < prof.engine_min_calls or time.perf_counter() < t_end:
+            for m in variants:
+                items = batch()
+                engine.settings = configs[m]
+                t0 = time.perf_counter()
+                res = engine.predict(items)
+                lat[m].append(time.perf_counter() - t0)
+                errors[m] += sum(not isinstance(r, Result) for r in res)
+        engine.settings = settings
+        for m in variants:
+            med = statistics.median(lat[m])
+            rows.append({"B": B, "micro_batch": m, **label, "calls": len(lat[m]), "median_ms": med * 1e3,
+                         "p90_ms": float(np.percentile(lat[m], 90)) * 1e3, "items_per_s": B / med,
+                         "errors": errors[m]})  # fmt: skip
+        print_rows("engine", rows[-len(variants) :])
+
     try:
         warm_engine(engine, tasks, jpegs)
         for B in prof.engine_batches:
-
-            def batch(n: int = B) -> list[RequestItem]:  # noqa: E306
-                return random_items(rng, tasks, jpegs, n)
-
-            # micro-batch variants (settings.engine_micro_batch), calls interleaved so drifting load hits all alike
-            variants = [0, *(m for m in prof.engine_micro_batches if 0 < m < B)]
-            configs = {m: settings.model_copy(update={"engine_micro_batch": m}) for m in variants}
-            lat: dict[int, list[float]] = {m: [] for m in variants}
-            errors = dict.fromkeys(variants, 0)
-            for m in variants:  # warm this batch size
-                engine.settings = configs[m]
-                engine.predict(batch())
-            t_end = time.perf_counter() + prof.engine_seconds * len(variants)
-            while min(len(v) for v in lat.values()) < prof.engine_min_calls or time.perf_counter() < t_end:
-                for m in variants:
-                    items = batch()
-                    engine.settings = configs[m]
-                    t0 = time.perf_counter()
-                    res = engine.predict(items)
-                    lat[m].append(time.perf_counter() - t0)
-                    errors[m] += sum(not isinstance(r, Result) for r in res)
-            engine.settings = settings
-            for m in variants:
-                med = statistics.median(lat[m])
-                rows.append({"B": B, "micro_batch": m, "calls": len(lat[m]), "median_ms": med * 1e3,
-                             "p90_ms": float(np.percentile(lat[m], 90)) * 1e3, "items_per_s": B / med,
-                             "errors": errors[m]})  # fmt: skip
-            print_rows("engine", rows[-len(variants) :])
+            measure(B, jpegs, prof.engine_micro_batches, {})
+        if sized and not out_of_time():
+            B = max((b for b in prof.engine_batches if b <= 64), default=min(prof.engine_batches))
+            measure(B, sized, [], {"image_sizes": len(sized)})
         rows.append(engine_two_workers(engine, bb, store, settings, tasks, jpegs, prof, rng))
         print_rows("engine", rows[-1:])
     finally:
@@ -878,7 +888,8 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(result.get("engine"), list):
         for r in result["engine"]:
             micro = f", micro-batch {r['micro_batch']}" if r.get("micro_batch") else ""
-            rows.append({"what": f"engine (JPEG bytes{micro})", "B": r["B"], "ms": r["median_ms"],
+            sizes = f", {r['image_sizes']} sizes" if r.get("image_sizes") else ""
+            rows.append({"what": f"engine (JPEG bytes{sizes}{micro})", "B": r["B"], "ms": r["median_ms"],
                          "per_s": r["items_per_s"], "goal": ">= 3000/s at B=64 (GPU)"})  # fmt: skip
     if isinstance(result.get("http"), dict) and "requests_per_s" in result["http"]:
         h = result["http"]
@@ -1035,7 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             tasks = register_tasks(store, bb, NUM_TASKS)
             result["config"]["register_100_tasks_s"] = time.perf_counter() - t0
-        run("engine", lambda: section_engine(bb, store, tasks, jpegs, prof, base))
+        # as many sizes as files, around 640x480 (the size of `jpegs`)
+        sized = [photo_jpeg(100 + i, (640 - 8 * i, 480 - 6 * i)) for i in range(32)]
+        run("engine", lambda: section_engine(bb, store, tasks, jpegs, prof, base, sized))
         run("stages", lambda: section_stages(bb, store, tasks, jpegs, base))
         run("compile", lambda: section_compile(bb, prof, device, dtype),
             None if prof.compile_modes else "no compile modes for this device (--compile-modes)")  # fmt: skip

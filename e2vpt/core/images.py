@@ -404,19 +404,28 @@ class Preprocess:
         return self.batch([x])[0]
 
     def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """uint8 [3, H, W] images of any sizes, all on one device -> float32 [B, 3, h, w] there."""
+        """uint8 [3, H, W] images of any sizes, all on one device -> float32 [B, 3, h, w] there.
+
+        Images of one size are resized together; an image of its own size is resized and normalised straight
+        into its row of the output (on a GPU, where kernel launches per image count, 3 besides its resize)."""
         if not images:
             raise ValueError("no images")
-        device = images[0].device
-        out = torch.empty((len(images), 3, *self.size), dtype=torch.float32, device=device)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(images):
             if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3:
                 raise ValueError(f"expected uint8 [3, H, W], got {x.dtype} {tuple(x.shape)}")
             groups.setdefault(tuple(x.shape), []).append(i)
+        if len(groups) == 1:  # one size: in order, no copy into place
+            x = images[0][None] if len(images) == 1 else torch.stack(list(images))
+            return self._normalize(self._crop(self._resize(x)))
+        out = torch.empty((len(images), 3, *self.size), dtype=torch.float32, device=images[0].device)
         for idx in groups.values():
-            x = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])
-            out[idx] = self._normalize(self._crop(self._resize(x)))
+            if len(idx) == 1:
+                i = idx[0]
+                self._normalize(self._crop(self._resize(images[i][None])), out=out[i : i + 1])
+            else:
+                x = self._normalize(self._crop(self._resize(torch.stack([images[i] for i in idx]))))
+                out.index_copy_(0, torch.tensor(idx, device=out.device), x)
         return out
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
@@ -439,11 +448,13 @@ class Preprocess:
             rows.append(crop.flip(-1) if torch.rand(()) < 0.5 else crop)
         return torch.stack(rows)
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 -> (x / 255 - mean) / std in float32 (into `out` when given): one float32 result, updated
+        in place."""
         if x.device not in self._stats:  # mean/std copied to a device once
             self._stats[x.device] = (self._mean.to(x.device), self._std.to(x.device))
         mean, std = self._stats[x.device]
-        return (x.float() / 255.0 - mean) / std
+        return torch.div(x, 255.0, out=out).sub_(mean).div_(std)
 
 
 def build_transform(

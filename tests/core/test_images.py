@@ -121,11 +121,19 @@ def test_env_settings_do_not_change_decoding(monkeypatch: pytest.MonkeyPatch) ->
     assert decode_image(CASES["jpeg"]).size == (64, 48)
 
 
-def test_batch_equals_one_at_a_time_and_pil_input(backbone: Backbone) -> None:
-    prep = eval_transform(backbone.info, "fgvc")
-    imgs = [decode_tensor(CASES[n], ImageLimits()) for n in ("jpeg", "png-rgba", "jpeg-progressive", "gif")]
+@pytest.mark.parametrize("recipe", ["vtab", "fgvc"])
+def test_batch_equals_one_at_a_time_and_pil_input(backbone: Backbone, recipe: str) -> None:
+    """Sizes shared by several images (resized together, rows scattered back in order) and sizes of one
+    image each (normalised straight into their rows), interleaved: every row as the image alone."""
+    prep = eval_transform(backbone.info, recipe)
+    names = ("jpeg", "png-rgba", "jpeg-progressive", "gif")
+    imgs = [decode_tensor(CASES[n], ImageLimits()) for n in names]
+    g = torch.Generator().manual_seed(0)
+    own = [torch.randint(0, 256, (3, 20 + i, 30 + 3 * i), dtype=torch.uint8, generator=g) for i in range(4)]
+    imgs = [x for pair in zip(imgs, own, strict=True) for x in pair] + imgs[:2]
     batch = prep.batch(imgs)
-    assert batch.shape == (4, 3, *backbone.info.img_size) and batch.dtype == torch.float32
+    assert batch.shape == (len(imgs), 3, *backbone.info.img_size) and batch.dtype == torch.float32
+    assert len({tuple(x.shape) for x in imgs}) < len(imgs) - 1  # shared sizes and sizes of their own
     for x, b in zip(imgs, batch, strict=True):
         assert torch.equal(prep(x), b)
     assert torch.equal(prep(decode_image(CASES["jpeg"])), batch[0])
