@@ -366,6 +366,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # Preprocessing recipes (method.md section 7). A prompt set records the recipe it was trained with
 # (`config["recipe"]`), and serving applies that recipe's eval transform, so train and serve see the same pixels.
 RECIPES = ("vtab", "fgvc")
+# The largest downscale factor (input / output size, per axis) resized on a GPU. CUDA's antialiased resize
+# keeps a tile's filter weights in 48 KB of shared memory, 4f + 1 bicubic taps per axis for a factor f: by
+# its source (UpSampleBilinear2d.cu), past f = 47 both ways, or a panorama of 21000 x 1300 px (27 MP, within
+# the default limits; f = 94 by 5.8 for 224 px), the block height it computes falls to 0, which it then
+# divides by; larger factors still overflow the shared memory (RuntimeError). Images past this factor are
+# resized on the CPU instead, as in training (the same pixels).
+MAX_DEVICE_DOWNSCALE = 32
 
 
 def _interpolation(name: str) -> InterpolationMode:
@@ -431,7 +438,13 @@ class Preprocess:
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) == self.resize_to:
             return x
+        if x.device.type != "cpu" and self.resizes_on_host(x.shape[-2], x.shape[-1]):
+            return self._resize(x.cpu()).to(x.device)
         return TF.resize(x, list(self.resize_to), interpolation=self.interpolation, antialias=True)
+
+    def resizes_on_host(self, height: int, width: int) -> bool:
+        """Whether an image of this size is resized on the CPU even on a GPU (`MAX_DEVICE_DOWNSCALE`)."""
+        return max(height / self.resize_to[0], width / self.resize_to[1]) > MAX_DEVICE_DOWNSCALE
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.size

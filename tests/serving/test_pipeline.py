@@ -14,7 +14,10 @@ from PIL import Image
 from e2vpt.config import GPU_DECODE_MIN_PIXELS, Settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import (
+    MAX_DEVICE_DOWNSCALE,
+    RECIPES,
     ImageLimits,
+    Preprocess,
     decode_image,
     decode_tensor,
     eval_transform,
@@ -232,6 +235,38 @@ def test_gpu_decode_path() -> None:
         assert all(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in xs)
     finally:
         pipe.close()
+
+
+def test_extreme_downscales_are_resized_on_the_host() -> None:
+    """Past MAX_DEVICE_DOWNSCALE (per axis, against the recipe's resize size) a GPU resizes on the CPU."""
+    info = tiny_backbone(img_size=224, patch_size=16).info
+    vtab, fgvc = Preprocess(info, "vtab"), Preprocess(info, "fgvc")  # resize to 224 / to 256, then crop
+    limit = MAX_DEVICE_DOWNSCALE * 224
+    assert not vtab.resizes_on_host(480, 640) and not vtab.resizes_on_host(limit, limit)
+    assert vtab.resizes_on_host(1300, 21000) and vtab.resizes_on_host(limit + 1, 10)
+    assert vtab.resizes_on_host(10, limit + 1) and not fgvc.resizes_on_host(10, limit + 1)
+
+
+@pytest.mark.cuda
+def test_gpu_transform_of_extreme_downscales_equals_the_cpu() -> None:
+    """A panorama whose downscale CUDA's antialiased resize cannot take (21000 x 1300 to 224 px) is resized
+    on the CPU inside a GPU batch, beside images resized on the device: every row as on the CPU (the
+    panorama's exactly: the CPU's resize; the others within the device resize's rounding)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    info = tiny_backbone(img_size=224, patch_size=16).info
+    g = torch.Generator().manual_seed(0)
+    sizes = [(1300, 21000), (480, 640), (8000, 300), (1300, 21000)]
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    for recipe in RECIPES:
+        prep = Preprocess(info, recipe)
+        cpu = prep.batch(imgs)
+        gpu = prep.batch([x.cuda() for x in imgs]).cpu()
+        for j, (h, w) in enumerate(sizes):
+            if prep.resizes_on_host(h, w):
+                assert torch.allclose(gpu[j], cpu[j], atol=1e-6), (recipe, h, w)
+            else:  # resized on the device: its rounding differs from the CPU's on a few pixels
+                assert (gpu[j] - cpu[j]).abs().mean() < 0.02, (recipe, h, w)
 
 
 @pytest.mark.cuda
