@@ -373,6 +373,9 @@ RECIPES = ("vtab", "fgvc")
 # divides by; larger factors still overflow the shared memory (RuntimeError). Images past this factor are
 # resized on the CPU instead, as in training (the same pixels).
 MAX_DEVICE_DOWNSCALE = 32
+# Input pixels resized in one call (`Preprocess.batch`): 2**25 is 400 MB of float32 RGB; 64 images of 640x480
+# (20 MP) stay one call.
+RESIZE_CHUNK_PIXELS = 2**25
 
 
 def _interpolation(name: str) -> InterpolationMode:
@@ -413,8 +416,10 @@ class Preprocess:
     def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """uint8 [3, H, W] images of any sizes, all on one device -> float32 [B, 3, h, w] there.
 
-        Images of one size are resized together; an image of its own size is resized and normalised straight
-        into its row of the output (on a GPU, where kernel launches per image count, 3 besides its resize)."""
+        Images of one size are resized together, at most `RESIZE_CHUNK_PIXELS` input pixels per call (the
+        resize works in float32: 64 phone photos of 12 MP would take 9 GB at once); an image resized alone
+        is normalised straight into its row of the output (on a GPU, where kernel launches per image count,
+        3 besides its resize)."""
         if not images:
             raise ValueError("no images")
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -422,11 +427,15 @@ class Preprocess:
             if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3:
                 raise ValueError(f"expected uint8 [3, H, W], got {x.dtype} {tuple(x.shape)}")
             groups.setdefault(tuple(x.shape), []).append(i)
-        if len(groups) == 1:  # one size: in order, no copy into place
+        chunks = []
+        for (_, h, w), idx in groups.items():
+            n = max(1, RESIZE_CHUNK_PIXELS // (h * w))
+            chunks += [idx[k : k + n] for k in range(0, len(idx), n)]
+        if len(chunks) == 1:  # one resize call: in order, no copy into place
             x = images[0][None] if len(images) == 1 else torch.stack(list(images))
             return self._normalize(self._crop(self._resize(x)))
         out = torch.empty((len(images), 3, *self.size), dtype=torch.float32, device=images[0].device)
-        for idx in groups.values():
+        for idx in chunks:
             if len(idx) == 1:
                 i = idx[0]
                 self._normalize(self._crop(self._resize(images[i][None])), out=out[i : i + 1])

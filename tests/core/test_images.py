@@ -11,6 +11,7 @@ import torch
 import torchvision.io as tvio
 from PIL import Image
 
+import e2vpt.core.images as images_module
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import (
     ImageLimits,
@@ -137,6 +138,32 @@ def test_batch_equals_one_at_a_time_and_pil_input(backbone: Backbone, recipe: st
     for x, b in zip(imgs, batch, strict=True):
         assert torch.equal(prep(x), b)
     assert torch.equal(prep(decode_image(CASES["jpeg"])), batch[0])
+
+
+@pytest.mark.parametrize("recipe", ["vtab", "fgvc"])
+def test_batch_resizes_large_groups_in_chunks(
+    backbone: Backbone, recipe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same-size images beyond RESIZE_CHUNK_PIXELS are resized a chunk at a time (bounded memory), rows in
+    order, each as the image alone; a group within the bound is one call."""
+    prep = eval_transform(backbone.info, recipe)
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=g) for _ in range(7)]
+    imgs.insert(3, torch.randint(0, 256, (3, 21, 17), dtype=torch.uint8, generator=g))
+    whole = prep.batch(imgs)
+    calls: list[int] = []
+    resize = prep._resize
+    monkeypatch.setattr(prep, "_resize", lambda x: calls.append(len(x)) or resize(x))
+    monkeypatch.setattr(images_module, "RESIZE_CHUNK_PIXELS", 3 * 30 * 40)  # 3 images of 30x40 per call
+    chunked = prep.batch(imgs)
+    assert sorted(calls) == [1, 1, 3, 3]  # 7 of 30x40 in chunks of 3, 3, 1; the 21x17 alone
+    assert torch.equal(chunked, whole)
+    for x, row in zip(imgs, chunked, strict=True):
+        assert torch.equal(prep(x), row)
+    calls.clear()
+    monkeypatch.setattr(images_module, "RESIZE_CHUNK_PIXELS", 7 * 30 * 40)
+    prep.batch(imgs[:3])
+    assert calls == [3]
 
 
 def test_tensor_transform_is_close_to_the_pillow_transform(backbone: Backbone) -> None:
