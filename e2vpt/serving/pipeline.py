@@ -2,8 +2,8 @@
 
 decode(): every header is read and checked first (format allowed, bytes, pixels, bombs; plain JPEGs
 scanned without Pillow, `read_header`). On a CUDA engine, complete JPEGs of at least `gpu_min_pixels`
-(`nvjpeg_decodes`) are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list; EXIF orientation,
-which torchvision applies only on the CPU, then applied as tensor ops);
+(`nvjpeg_decodes`) are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
+EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
 every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
 decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
 one corrupt file fails its own item only (typed, `InvalidImage` / `ImageTooLarge`).
