@@ -424,8 +424,8 @@ class Preprocess:
             raise ValueError("no images")
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(images):
-            if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3:
-                raise ValueError(f"expected uint8 [3, H, W], got {x.dtype} {tuple(x.shape)}")
+            if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3 or x[0].numel() == 0:
+                raise ValueError(f"expected uint8 [3, H, W] with H, W > 0, got {x.dtype} {tuple(x.shape)}")
             groups.setdefault(tuple(x.shape), []).append(i)
         chunks = []
         for (_, h, w), idx in groups.items():

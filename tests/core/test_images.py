@@ -166,6 +166,28 @@ def test_batch_resizes_large_groups_in_chunks(
     assert calls == [3]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(3, 0, 5, dtype=torch.uint8),
+        torch.zeros(3, 5, 0, dtype=torch.uint8),
+        torch.zeros(4, 8, 8, dtype=torch.uint8),
+        torch.zeros(8, 8, dtype=torch.uint8),
+        torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(3, 8, 8, dtype=torch.float32),
+        torch.zeros(3, 8, 8, dtype=torch.int16),
+    ],
+    ids=["empty-height", "empty-width", "4-channels", "2-d", "4-d", "float32", "int16"],
+)
+def test_batch_refuses_odd_tensors(backbone: Backbone, bad: torch.Tensor) -> None:
+    """Alone or beside a good image: a clear ValueError, never an arithmetic error from inside."""
+    prep = eval_transform(backbone.info)
+    good = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    for images in ([bad], [good, bad]):
+        with pytest.raises(ValueError, match="expected uint8"):
+            prep.batch(images)
+
+
 def test_tensor_transform_is_close_to_the_pillow_transform(backbone: Backbone) -> None:
     """The old PIL recipe (torchvision transforms on PIL images) and the tensor one differ by at most one
     grey level per pixel after resizing (rounding), measured here on a photo-like image."""
