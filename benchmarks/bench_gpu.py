@@ -1046,9 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             tasks = register_tasks(store, bb, NUM_TASKS)
             result["config"]["register_100_tasks_s"] = time.perf_counter() - t0
-        # as many sizes as files, around 640x480 (the size of `jpegs`)
-        sized = [photo_jpeg(100 + i, (640 - 8 * i, 480 - 6 * i)) for i in range(32)]
-        run("engine", lambda: section_engine(bb, store, tasks, jpegs, prof, base, sized))
+        # `sized`: as many sizes as files, around 640x480 (the size of `jpegs`), made only when the section runs
+        run("engine", lambda: section_engine(bb, store, tasks, jpegs, prof, base,
+                                             [photo_jpeg(100 + i, (640 - 8 * i, 480 - 6 * i)) for i in range(32)]))  # fmt: skip
         run("stages", lambda: section_stages(bb, store, tasks, jpegs, base))
         run("compile", lambda: section_compile(bb, prof, device, dtype),
             None if prof.compile_modes else "no compile modes for this device (--compile-modes)")  # fmt: skip
