@@ -26,7 +26,7 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from e2vpt.config import Settings  # noqa: E402
-from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint  # noqa: E402
+from e2vpt.core.backbone import Backbone  # noqa: E402
 from e2vpt.core.promptset import PromptSet  # noqa: E402
 from e2vpt.dev.images import image_bytes  # noqa: E402
 from e2vpt.dev.localredis import free_port  # noqa: E402
@@ -34,7 +34,7 @@ from e2vpt.rayserve.affinity import assignment, owner_and_backup  # noqa: E402
 from e2vpt.rayserve.app import BATCH_TASKS_HEADER, ENGINE_DEPLOYMENT, REPLICA_HEADER, build_app  # noqa: E402
 from e2vpt.registry.store import PromptStore  # noqa: E402
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result  # noqa: E402
-from tests.helpers import TINY, make_set, wait_for  # noqa: E402
+from tests.helpers import make_set, tiny_checkpoint, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -60,9 +60,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("ray")
-    ckpt = save_checkpoint(load_backbone("vit_tiny_patch16_224", **TINY).model, "vit_tiny_patch16_224", TINY,
-                           root / "backbone.safetensors")  # fmt: skip
-    backbone = load_backbone(checkpoint=ckpt)
+    ckpt, backbone = tiny_checkpoint(root / "backbone.safetensors")
     namespace = f"ray-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         backbone_checkpoint=str(ckpt),

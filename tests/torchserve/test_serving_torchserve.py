@@ -19,13 +19,13 @@ import httpx
 import pytest
 import torch
 
-from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
+from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, png_header_bomb
 from e2vpt.registry.store import PromptStore
 from e2vpt.torchserve.adapter import WORKER_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
-from tests.helpers import TINY, RedisServer
+from tests.helpers import RedisServer, tiny_checkpoint
 from tests.poison import deep_json
 from tests.serving_helpers import burst, offline_predict
 
@@ -59,9 +59,7 @@ def make_set(task_id: str, bb: Backbone, classes: int, seed: int, **kw: object) 
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("served")
     redis = RedisServer(root / "redis").start()
-    ckpt = save_checkpoint(load_backbone("vit_tiny_patch16_224", **TINY).model, "vit_tiny_patch16_224", TINY,
-                           root / "backbone.safetensors")  # fmt: skip
-    backbone = load_backbone(checkpoint=ckpt)
+    ckpt, backbone = tiny_checkpoint(root / "backbone.safetensors")
     namespace = f"ts-{uuid.uuid4().hex[:8]}"
     store = PromptStore(redis.url, backbone.info, namespace=namespace)
     for ps in (make_set("t1", backbone, 3, 1), make_set("t2", backbone, 6, 2, num_prompts=4, num_kv=2),

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
+from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb, with_exif
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.requests import TOP_K_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
-from tests.helpers import TINY, RedisServer, make_set
+from tests.helpers import RedisServer, make_set, tiny_checkpoint
 from tests.serving_helpers import burst, offline_predict
 
 pytestmark = [
@@ -55,9 +55,7 @@ def gpu_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuServed]:
         pytest.skip("needs CUDA")
     root = tmp_path_factory.mktemp("gpu-served")
     redis = RedisServer(root / "redis").start()
-    ckpt = save_checkpoint(load_backbone("vit_tiny_patch16_224", **TINY).model, "vit_tiny_patch16_224", TINY,
-                           root / "backbone.safetensors")  # fmt: skip
-    backbone = load_backbone(checkpoint=ckpt)
+    ckpt, backbone = tiny_checkpoint(root / "backbone.safetensors")
     store = PromptStore(redis.url, backbone.info, namespace=f"ts-gpu-{uuid.uuid4().hex[:8]}")
     sets = [
         make_set("g1", backbone, 3, 1),
