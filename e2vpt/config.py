@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     # and answered, so decoding (nvjpeg blocks its calling thread; CPU decoders use the pool) overlaps the
     # forward. Off until bench_gpu's `engine` section (micro-batch rows) shows it paying on a GPU.
     engine_micro_batch: int = Field(default=0, ge=0)
+    # ... and into micro-batches of at most this many decoded pixels (headers are read first), so a batch of
+    # large images holds bounded memory (2 micro-batches at a time: one running, the next decoding): 64 images of
+    # 40 MP would hold 7.7 GB of pixels at once (on the host, or on the GPU for nvjpeg's), enough to kill a worker
+    # and every request in it. 2**27 (400 MB of RGB) keeps a batch of 64 1080p images whole. An image larger than
+    # this runs alone (`max_image_pixels` bounds it); 0: no bound.
+    engine_micro_batch_pixels: int = Field(default=2**27, ge=0)
     # Device-resident prompt cache: byte budget (LRU beyond it), pinned and preloaded task ids.
     cache_max_bytes: int = 512 * 1024 * 1024
     cache_pinned_tasks: list[str] = []

@@ -8,7 +8,8 @@ unreadable, and any exception at all from an image library, raises `InvalidImage
 
 - `decode_image` -> an RGB `PIL.Image` (the reference path; training reads files with it).
 - `decode_tensor` -> uint8 [3, H, W]: baseline RGB/grayscale JPEGs through torchvision's decoder
-  (bit-identical to Pillow's, measured), everything else through `decode_image`.
+  (bit-identical to Pillow's, measured), everything else through `decode_image`. In two steps:
+  `scan_image` (header read and checked, the decoded size known) then `decode_scanned`.
 - `Preprocess` is a recipe's transform as tensor ops on any device (resize in uint8 with antialiasing,
   crop, normalise), per image or batched; training, evaluation and serving (CPU and GPU) all use it, so a
   task is served the pixels it was trained on.
@@ -111,11 +112,21 @@ def open_image(data: bytes | bytearray | memoryview | None, limits: ImageLimits)
     return img
 
 
+def _pillow_reduces(side: int, r: int) -> bool:
+    """Whether Pillow decodes a side at reduce factor r: it expects round(side / 2^r) pixels where OpenJPEG
+    gives ceil(side / 2^r), and refuses the image ("broken data stream") where they differ (Pillow 13; a
+    513 px side at r = 2: 128 against 129). r = 1 always agrees."""
+    return (side + (1 << r >> 1)) >> r == -(-side >> r)
+
+
 def _reduce_factor(width: int, height: int, budget: int) -> int:
-    """Smallest r with ceil(w / 2^r) * ceil(h / 2^r) <= budget."""
+    """Smallest r with ceil(w / 2^r) * ceil(h / 2^r) <= budget, lowered to the largest r below it that
+    Pillow decodes (`_pillow_reduces`): then over the budget, by at most 4^(r - 1)."""
     r = 0
     while math.ceil(width / 2**r) * math.ceil(height / 2**r) > budget and 2**r < max(width, height):
         r += 1
+    while r > 1 and not (_pillow_reduces(width, r) and _pillow_reduces(height, r)):
+        r -= 1
     return r
 
 
@@ -337,17 +348,50 @@ def read_header(
     return (JpegHeader(img.width, img.height, exif_orientation(img)) if is_fast_jpeg(img) else None), img
 
 
-def decode_tensor(data: bytes | bytearray | memoryview | None, limits: ImageLimits) -> torch.Tensor:
-    """Untrusted bytes -> uint8 [3, H, W] on the CPU; same pixels as `decode_image`."""
+@dataclass(frozen=True)
+class Scanned:
+    """An image whose header was read and checked (`scan_image`): what decoding it needs, and how many
+    pixels decoding it will hold (width x height, after any reduced-size decoding). It keeps no Pillow
+    image: one that decoding loads would hold its pixels as long as the scan is kept (a batch's scans live
+    through the whole batch), so `decode_scanned` opens the bytes again (tens of microseconds)."""
+
+    data: bytes | bytearray | memoryview
+    jpeg: JpegHeader | None  # torchvision's JPEG decoders take it
+    pixels: int
+
+
+def scan_image(data: bytes | bytearray | memoryview | None, limits: ImageLimits) -> Scanned:
+    """`read_header` (its typed errors), kept for `decode_scanned`."""
     header, img = read_header(data, limits)
     assert data is not None
     if header is not None:
+        pixels = header.width * header.height
+    else:
+        assert img is not None
+        r = _reduce_factor(*img.size, limits.reduce_pixels) if img.format in REDUCIBLE_FORMATS else 0
+        pixels = math.ceil(img.width / 2**r) * math.ceil(img.height / 2**r)
+    return Scanned(data, header, pixels)
+
+
+def decode_scanned(scanned: Scanned, limits: ImageLimits) -> torch.Tensor:
+    """A scanned image -> uint8 [3, H, W] on the CPU; same pixels as `decode_image`."""
+    if scanned.jpeg is not None:
         try:
-            x = tvio.decode_jpeg(as_uint8_tensor(data), mode=tvio.ImageReadMode.RGB)
-            return apply_orientation(x, header.orientation).contiguous()
+            x = tvio.decode_jpeg(as_uint8_tensor(scanned.data), mode=tvio.ImageReadMode.RGB)
+            return apply_orientation(x, scanned.jpeg.orientation).contiguous()
         except Exception:  # anything torchvision refuses, Pillow decides (and types the error)
             pass
-    return pil_to_tensor(_load(img if img is not None else open_image(data, limits), limits))
+    return pil_to_tensor(_load(open_image(scanned.data, limits), limits))
+
+
+def decode_tensor(data: bytes | bytearray | memoryview | None, limits: ImageLimits) -> torch.Tensor:
+    """Untrusted bytes -> uint8 [3, H, W] on the CPU; same pixels as `decode_image`."""
+    header, img = read_header(data, limits)
+    if header is None:  # Pillow opened it: decode that image
+        assert img is not None
+        return pil_to_tensor(_load(img, limits))
+    assert data is not None
+    return decode_scanned(Scanned(data, header, header.width * header.height), limits)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -4,8 +4,10 @@ predict(items) decodes every image, resolves every item's task through the `Prom
 batch's prompts from the device-resident `PromptTable` (index gathers), runs ONE backbone forward with
 per-image prompts (any `FeatureBackend`), applies each image's own head and returns top-k labels and
 scores. Items that fail (bad image, unknown task, store down, ...) get their typed error in their slot;
-the rest succeed. With `engine_micro_batch` set, a batch runs as micro-batches of that size, the next
-one's images decoding in a background thread while the current one runs.
+the rest succeed. Every image's header is read first; a batch runs as micro-batches of at most
+`engine_micro_batch` images (when set) and `engine_micro_batch_pixels` decoded pixels (so a batch of huge
+images holds bounded memory), the next one's images decoding in a background thread while the current one
+runs.
 
 Isolation: an unexpected exception while reading one item is that item's 500. When the mixed forward
 fails, every task is retried alone, so a task whose prompts break the forward fails only its own items
@@ -13,7 +15,7 @@ fails, every task is retried alone, so a task whose prompts break the forward fa
 
 Stages: each step of a call runs inside a `torch.profiler.record_function` range named in `STAGES`, so
 any profile of a serving process (`benchmarks/bench_gpu.py --only stages` prints one) shows where
-a batch's time goes; outside a profiler a range costs about 5 us (nine per call).
+a batch's time goes; outside a profiler a range costs about 5 us (ten per call).
 
 No TorchServe import: the TorchServe handler, benchmarks and tests all drive this class directly.
 """
@@ -39,13 +41,14 @@ from e2vpt.registry.store import PromptStore
 from e2vpt.serving.backends import FeatureBackend, make_backend
 from e2vpt.serving.cache import CachedPrompts, PromptCache
 from e2vpt.serving.metrics import ServingMetrics
-from e2vpt.serving.pipeline import Decoded, ImagePipeline
+from e2vpt.serving.pipeline import Decoded, ImagePipeline, Scanned
 
 log = logging.getLogger(__name__)
 
 # the profiler ranges of one predict() call, in order (a request's path through the engine)
 STAGES = (
-    "e2vpt.decode",  # image bytes -> uint8 pixels (nvjpeg / thread pool), headers and limits checked
+    "e2vpt.scan",  # every image's header read and checked (format, bytes, pixels, bombs)
+    "e2vpt.decode",  # image bytes -> uint8 pixels (nvjpeg / thread pool)
     "e2vpt.cache",  # each task's cached prompts (cold loads from the store)
     "e2vpt.transform",  # each task's recipe: resize, crop, normalise
     "e2vpt.assemble",  # the batch's prompts and heads gathered from the PromptTable
@@ -95,6 +98,21 @@ class Result:
             "version": self.version,
             "predictions": [{"label": p.label, "score": p.score} for p in self.predictions],
         }
+
+
+def micro_batches(pixels: Sequence[int], size: int, max_pixels: int) -> list[range]:
+    """Consecutive runs of items, each at most `size` items (0: any number) and `max_pixels` pixels (0: any;
+    an item larger than that runs alone), cut greedily in order."""
+    runs: list[range] = []
+    start, total = 0, 0
+    for i, p in enumerate(pixels):
+        if i > start and ((size and i - start == size) or (max_pixels and total + p > max_pixels)):
+            runs.append(range(start, i))
+            start, total = i, 0
+        total += p
+    if start < len(pixels):
+        runs.append(range(start, len(pixels)))
+    return runs
 
 
 def serving_dtype(settings: Settings) -> torch.dtype:
@@ -194,29 +212,37 @@ class MultiTaskEngine:
         if self._limits[0] is not self.settings:  # settings may be swapped on a live engine
             self._limits = (self.settings, ImageLimits.from_settings(self.settings))
         limits = self._limits[1]
-        size = self.settings.engine_micro_batch
-        chunks = (
-            [valid[i : i + size] for i in range(0, len(valid), size)] if 0 < size < len(valid) else [valid]
+        with stage("e2vpt.scan"):  # headers first: a bad or oversized image fails its own item here
+            headers = self.images.scan([items[i].image for i, _, _ in valid], limits)  # type: ignore[union-attr]
+        scanned: list[Scanned] = []
+        ok: list[tuple[int, str, int]] = []
+        for entry, header in zip(valid, headers, strict=True):
+            if isinstance(header, E2VPTError):
+                out[entry[0]] = header
+            else:
+                ok.append(entry)
+                scanned.append(header)
+        runs = micro_batches(
+            [s.pixels for s in scanned],
+            self.settings.engine_micro_batch,
+            self.settings.engine_micro_batch_pixels,
         )
         resolved: dict[str, CachedPrompts | E2VPTError] = {}
         tasks: set[str] = set()
         ahead: Future[list[Decoded]] | None = None
-        for n, chunk in enumerate(chunks):
+        for n, run in enumerate(runs):
             # decoded in one batch (GPU JPEGs, a thread pool for the rest); a bad image fails its own item
             with stage("e2vpt.decode"):
                 if ahead is None:
-                    decoded = self.images.decode(self._images(items, chunk), limits)
+                    decoded = self.images.decode(scanned[run.start : run.stop], limits)
                 else:
                     decoded = ahead.result()
-            if n + 1 < len(chunks):  # the next micro-batch decodes while this one runs
-                ahead = self.images.decode_ahead(self._images(items, chunks[n + 1]), limits)
-            self._run(chunk, decoded, out, resolved, tasks)
+            if n + 1 < len(runs):  # the next micro-batch decodes while this one runs
+                following = runs[n + 1]
+                ahead = self.images.decode_ahead(scanned[following.start : following.stop], limits)
+            self._run(ok[run.start : run.stop], decoded, out, resolved, tasks)
         with stage("e2vpt.results"):
             return self._observe(items, out, resolved, len(tasks), time.perf_counter() - t0)
-
-    @staticmethod
-    def _images(items: Sequence[RequestItem | E2VPTError], chunk: list[tuple[int, str, int]]) -> list[bytes]:
-        return [items[i].image for i, _, _ in chunk]  # type: ignore[union-attr]
 
     def _run(
         self,

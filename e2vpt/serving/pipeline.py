@@ -1,7 +1,10 @@
 """`ImagePipeline`: a batch of encoded images -> one normalised input tensor per item, in batches.
 
-decode(): every header is read and checked first (format allowed, bytes, pixels, bombs; plain JPEGs
-scanned without Pillow, `read_header`). On a CUDA engine, complete JPEGs of at least `gpu_min_pixels`
+scan(): every header is read and checked first (format allowed, bytes, pixels, bombs; plain JPEGs
+scanned without Pillow, `scan_image`), so the caller knows each image's decoded size before any pixel is
+decoded (the engine bounds the pixels a micro-batch holds with it).
+
+decode(): scanned images (or bytes, scanned first) -> pixels. On a CUDA engine, complete JPEGs of at least `gpu_min_pixels`
 (`nvjpeg_decodes`) are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
 EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
 every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
@@ -30,21 +33,23 @@ from e2vpt.core.images import (
     ImageLimits,
     JpegHeader,
     Preprocess,
+    Scanned,
     apply_orientation,
     as_uint8_tensor,
-    decode_tensor,
-    read_header,
+    decode_scanned,
+    scan_image,
 )
 from e2vpt.errors import E2VPTError, InvalidImage
 
 log = logging.getLogger(__name__)
 
 Decoded = torch.Tensor | E2VPTError
+Scan = Scanned | E2VPTError
 JPEG_EOI = b"\xff\xd9"
 
 
 def nvjpeg_decodes(header: JpegHeader, data: bytes | bytearray | memoryview, min_pixels: int) -> bool:
-    """Whether a CUDA engine decodes this plain JPEG (its header scanned by `read_header`) with nvjpeg: at
+    """Whether a CUDA engine decodes this plain JPEG (its header scanned by `scan_image`) with nvjpeg: at
     least `min_pixels` (smaller ones get libjpeg's pixels, what training saw), and its data ends with the
     end-of-image marker. A truncated upload is refused by libjpeg (Pillow's "image file is truncated": a 400
     on the CPU engine), while a hardware decoder may decode what is there and answer: so it never reaches
@@ -101,45 +106,61 @@ class ImagePipeline:
         return [self._pool.submit(fn, *a) for a in args]
 
     # ------------------------------------------------------------------ decode
-    def _decode_one(self, data: bytes, limits: ImageLimits) -> Decoded:
+    @staticmethod
+    def _scan_one(data: bytes, limits: ImageLimits) -> Scan:
         try:
-            return decode_tensor(data, limits)
+            return scan_image(data, limits)
         except Exception as exc:  # any failure is this item's own
             return _typed(exc)
 
-    def decode(self, images: Sequence[bytes], limits: ImageLimits | None = None) -> list[Decoded]:
+    def scan(self, images: Sequence[bytes], limits: ImageLimits | None = None) -> list[Scan]:
+        """Each image's header read and checked against `limits` (default: the pipeline's): what decoding
+        it needs and its decoded size, or its typed error. Cheap: no pixel is decoded."""
+        limits = limits or self.limits
+        return [self._scan_one(data, limits) for data in images]
+
+    @staticmethod
+    def _decode_one(scanned: Scanned, limits: ImageLimits) -> Decoded:
+        try:
+            return decode_scanned(scanned, limits)
+        except Exception as exc:  # any failure is this item's own
+            return _typed(exc)
+
+    def decode(self, images: Sequence[bytes | Scan], limits: ImageLimits | None = None) -> list[Decoded]:
         """uint8 [3, H, W] per image (on the engine's device for GPU-decoded ones), or its typed error.
-        `limits`: this call's (default: the pipeline's)."""
+        `images`: encoded bytes, or what `scan` made of them (with the same `limits`: this call's, default
+        the pipeline's)."""
         limits = limits or self.limits
         out: list[Decoded | None] = [None] * len(images)
-        gpu: list[int] = []
-        orientation: list[int] = []
-        cpu: list[int] = []
-        for i, data in enumerate(images):
-            if not self.gpu_decode:
-                cpu.append(i)
-                continue
-            try:
-                header, _ = read_header(data, limits)
-                if header is not None and nvjpeg_decodes(header, data, self.gpu_min_pixels):
-                    gpu.append(i)
-                    orientation.append(header.orientation)
-                else:
-                    cpu.append(i)
-            except Exception as exc:
-                out[i] = _typed(exc)
-        futures = self._map(self._decode_one, [(images[i], limits) for i in cpu])
+        gpu: list[tuple[int, Scanned]] = []
+        cpu: list[tuple[int, Scanned]] = []
+        for i, image in enumerate(images):
+            scanned = image if isinstance(image, Scanned | E2VPTError) else self._scan_one(image, limits)
+            if isinstance(scanned, E2VPTError):
+                out[i] = scanned
+            elif (
+                self.gpu_decode
+                and scanned.jpeg is not None
+                and nvjpeg_decodes(scanned.jpeg, scanned.data, self.gpu_min_pixels)
+            ):
+                gpu.append((i, scanned))
+            else:
+                cpu.append((i, scanned))
+        futures = self._map(self._decode_one, [(s, limits) for _, s in cpu])
         if gpu:
-            decoded = self._decode_gpu([images[i] for i in gpu])
-            for i, x, o in zip(gpu, decoded, orientation, strict=True):
+            decoded = self._decode_gpu([s.data for _, s in gpu])
+            for (i, s), x in zip(gpu, decoded, strict=True):
+                assert s.jpeg is not None
                 # nvjpeg refused it: the CPU decoders (and Pillow's verdict) decide
-                out[i] = apply_orientation(x, o) if x is not None else self._decode_one(images[i], limits)
-        for i, x in zip(cpu, futures, strict=True):
+                out[i] = (
+                    apply_orientation(x, s.jpeg.orientation) if x is not None else self._decode_one(s, limits)
+                )
+        for (i, _), x in zip(cpu, futures, strict=True):
             out[i] = x.result() if isinstance(x, Future) else x
         return self._fill(out)
 
     def decode_ahead(
-        self, images: Sequence[bytes], limits: ImageLimits | None = None
+        self, images: Sequence[bytes | Scan], limits: ImageLimits | None = None
     ) -> Future[list[Decoded]]:
         """`decode` in a background thread (one at a time), while the caller works on something else."""
         return self._ahead.submit(self.decode, images, limits)
@@ -148,7 +169,7 @@ class ImagePipeline:
     def _fill(out: list[Decoded | None]) -> list[Decoded]:
         return [x if x is not None else InvalidImage("image not decoded") for x in out]
 
-    def _decode_gpu(self, images: Sequence[bytes]) -> list[torch.Tensor | None]:
+    def _decode_gpu(self, images: Sequence[bytes | bytearray | memoryview]) -> list[torch.Tensor | None]:
         """nvjpeg on a list; if the batch call fails, image by image (None: this image failed)."""
         tensors = [as_uint8_tensor(d) for d in images]
         kw = {"mode": tvio.ImageReadMode.RGB, "device": self.device}  # EXIF: applied by the caller

@@ -23,6 +23,7 @@ from e2vpt.core.images import (
     eval_transform,
     exif_orientation,
     pil_to_tensor,
+    scan_image,
 )
 from e2vpt.dev.images import image_bytes, photo_jpeg, pil_reference_transform
 from e2vpt.errors import ImageTooLarge, InvalidImage
@@ -85,6 +86,24 @@ def test_apply_orientation_matches_pillow(orientation: int) -> None:
     assert torch.equal(apply_orientation(stored, orientation), pil_to_tensor(decode_image(data)))
 
 
+def test_scan_knows_the_decoded_size() -> None:
+    """`scan_image` reads only the header, yet names exactly the pixels decoding holds (what the engine
+    budgets micro-batches with): every format and mode, EXIF rotations (width and height swap, the count
+    stays), JPEG 2000 decoded at reduced size with odd sides (ceil)."""
+    j2k = {}
+    for size in ((512, 384), (513, 385), (37, 1001)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (9, 99, 199)).save(buf, "JPEG2000")
+        j2k[size] = buf.getvalue()
+    cases = [(data, ImageLimits()) for data in CASES.values()]
+    cases += [(d, ImageLimits(formats=frozenset({"JPEG2000"}), reduce_pixels=20_000)) for d in j2k.values()]
+    for data, limits in cases:
+        scanned = scan_image(data, limits)
+        x = decode_tensor(data, limits)
+        assert scanned.pixels == x.shape[1] * x.shape[2]
+        assert scanned.pixels <= limits.max_pixels
+
+
 def test_formats_follow_the_limits() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG2000")
@@ -108,6 +127,10 @@ def test_jpeg2000_is_decoded_at_reduced_size() -> None:
     assert img.getpixel((5, 5)) == (9, 99, 199)
     with pytest.raises(ImageTooLarge):  # the pixel limit still reads the full header size
         decode_image(buf.getvalue(), limits=ImageLimits(formats=frozenset({"JPEG2000"}), max_pixels=100_000))
+    # Pillow refuses reduce 2 of a 513 px side (it expects 128 px, OpenJPEG gives 129): reduce 1 instead
+    buf = io.BytesIO()
+    Image.new("RGB", (513, 385), (9, 99, 199)).save(buf, "JPEG2000")
+    assert decode_image(buf.getvalue(), limits=limits).size == (257, 193)
 
 
 def test_decoder_exceptions_are_typed() -> None:

@@ -31,7 +31,7 @@ from e2vpt.errors import (
 )
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.cache import PromptCache
-from e2vpt.serving.engine import STAGES, MultiTaskEngine, RequestItem, Result
+from e2vpt.serving.engine import STAGES, MultiTaskEngine, RequestItem, Result, micro_batches
 from e2vpt.serving.metrics import ServingMetrics, TaskLabeler
 from e2vpt.serving.requests import parse_request
 from e2vpt.torchserve.adapter import handle_batch
@@ -343,33 +343,61 @@ def test_engine_metrics_counts(backbone: Backbone, store: PromptStore) -> None:
 
 
 def test_micro_batches_answer_as_one_batch(backbone: Backbone, store: PromptStore) -> None:
-    """engine_micro_batch splits a batch (the next part decoding in the background): the same answers and
-    the same per-item errors in the same slots as one forward, with one forward per micro-batch."""
+    """engine_micro_batch (images) and engine_micro_batch_pixels (decoded pixels) split a batch (the next
+    part decoding in the background): the same answers and the same per-item errors in the same slots as
+    one forward, with one forward per micro-batch."""
     for t in ("a", "b", "c"):
         store.register(make_set(t, backbone, seed=ord(t)))
     tasks = ["a", "b", "a", "c", "nope", "b", "c", "a", "b", "c", "a"]
-    items = [RequestItem(t, image_bytes(60 + i)) for i, t in enumerate(tasks)]
+    items = [RequestItem(t, image_bytes(60 + i)) for i, t in enumerate(tasks)]  # 48 x 40 pixels each
     items[5] = RequestItem("b", b"not an image")
+    # the bad image fails at its header, before the split: 10 items are split, "nope" (not found) has
+    # no forward. Of 3: four forwards; of 1: nine; at most two images' pixels: five; 3 or 2 images: five
+    variants = {
+        "one": ({"engine_micro_batch_pixels": 0}, 1),
+        "3 images": ({"engine_micro_batch": 3}, 4),
+        "1 image": ({"engine_micro_batch": 1}, 9),
+        "2 images' pixels": ({"engine_micro_batch_pixels": 2 * 48 * 40 + 1}, 5),
+        "3 images or 2 images' pixels": ({"engine_micro_batch": 3, "engine_micro_batch_pixels": 4000}, 5),
+    }
     answers = {}
-    for size in (0, 3, 1):
+    for name, (config, forwards) in variants.items():
         metrics = ServingMetrics(top_tasks=10)
-        eng = MultiTaskEngine(backbone, store, Settings(engine_micro_batch=size), metrics=metrics)
+        eng = MultiTaskEngine(backbone, store, Settings(**config), metrics=metrics)
         try:
-            answers[size] = eng.predict(items)
+            answers[name] = eng.predict(items)
         finally:
             eng.close()
-        forwards = generate_latest(metrics.registry).decode().split("e2vpt_forward_seconds_count ")[1]
-        # micro-batches of 3: four forwards; of 1: nine ("nope" is not found, the bad image never decodes)
-        assert float(forwards.split()[0]) == {0: 1, 3: 4, 1: 9}[size]
-    for size in (3, 1):
-        for one, many in zip(answers[0], answers[size], strict=True):
+        text = generate_latest(metrics.registry).decode().split("e2vpt_forward_seconds_count ")[1]
+        assert float(text.split()[0]) == forwards, name
+    for name in variants:
+        for one, many in zip(answers["one"], answers[name], strict=True):
             assert type(one) is type(many)
             if isinstance(one, Result):
                 assert [p.label for p in many.predictions] == [p.label for p in one.predictions]
                 assert [p.score for p in many.predictions] == pytest.approx(
                     [p.score for p in one.predictions], abs=1e-5
                 )
-    assert isinstance(answers[3][4], TaskNotFound) and isinstance(answers[3][5], InvalidImage)
+        assert isinstance(answers[name][4], TaskNotFound) and isinstance(answers[name][5], InvalidImage)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "size", "budget", "runs"),
+    [
+        ([], 0, 0, []),
+        ([5, 5, 5], 0, 0, [(0, 3)]),
+        ([5, 5, 5], 2, 0, [(0, 2), (2, 3)]),
+        ([5, 5, 5], 0, 10, [(0, 2), (2, 3)]),  # exactly the budget fits
+        ([5, 5, 5], 0, 9, [(0, 1), (1, 2), (2, 3)]),
+        ([50, 1, 1, 50, 1], 0, 10, [(0, 1), (1, 3), (3, 4), (4, 5)]),  # larger than the budget: alone
+        ([1, 1, 1, 1, 1], 2, 100, [(0, 2), (2, 4), (4, 5)]),
+        ([4, 4, 4, 4], 3, 8, [(0, 2), (2, 4)]),  # whichever bound comes first
+    ],
+)
+def test_micro_batches_split_by_images_and_pixels(
+    pixels: list[int], size: int, budget: int, runs: list[tuple[int, int]]
+) -> None:
+    assert [(r.start, r.stop) for r in micro_batches(pixels, size, budget)] == runs
 
 
 def test_engine_stages_show_in_a_profile(
