@@ -4,6 +4,9 @@ at a time, formats are allowed by the limits given, JPEG 2000 is decoded at redu
 from __future__ import annotations
 
 import io
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +105,27 @@ def test_scan_knows_the_decoded_size() -> None:
         x = decode_tensor(data, limits)
         assert scanned.pixels == x.shape[1] * x.shape[2]
         assert scanned.pixels <= limits.max_pixels
+
+
+def test_a_png_with_a_broken_crc_cannot_kill_the_process() -> None:
+    """torchvision's PNG decoder (0.29.2) dies with SIGSEGV on a PNG whose IDAT CRC is wrong, one flipped
+    byte: a serving worker decoding it would take every request of its batch down. PNGs are decoded by
+    Pillow (typed errors or pixels); run in a child process, so that a crash fails this test, not the run."""
+    buf = io.BytesIO()
+    Image.new("RGB", (61, 47), (10, 200, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    at = data.find(b"IDAT")
+    data[at + 4 + struct.unpack(">I", data[at - 4 : at])[0]] ^= 0xFF  # the chunk's CRC
+    code = (
+        "import sys; from e2vpt.core.images import ImageLimits, decode_tensor, scan_image\n"
+        "from e2vpt.errors import InvalidImage\n"
+        "data = sys.stdin.buffer.read()\n"
+        "try:\n    print(tuple(decode_tensor(data, ImageLimits()).shape))\n"
+        "except InvalidImage as exc:\n    print('InvalidImage', exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], input=bytes(data), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert run.stdout.decode().strip() == "(3, 47, 61)" or run.stdout.startswith(b"InvalidImage")
 
 
 def test_formats_follow_the_limits() -> None:
