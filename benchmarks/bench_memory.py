@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_memory.py [--batch 32] [--budgets 0,33554432,134217728]
         [--kinds png-40mp,jpeg-40mp,jpeg-12mp] [--out benchmarks/results/memory_cpu.json]
 
-Each (image kind, budget) runs in a Python process of its own, so that its peak resident memory (ru_maxrss)
-is the call's: an engine on the CPU (vit_tiny at 32 px: the forward is not what is measured; the default
+Each (image kind, budget) runs in a Python process of its own, its peak resident memory (VmHWM) reset
+just before the call: an engine on the CPU (vit_tiny at 32 px: the forward is not what is measured; the default
 image threads), a real Redis (`ensure_redis`) holding one task, one warm-up call with a small image, then one
 `predict` of --batch copies of the image. Reported per row: the peak resident memory during the call above
 the resident memory before it (MB), the call's seconds, and how many answers succeeded (all must).
@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,9 +58,19 @@ KINDS = {
 }
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def memory_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak since the last `reset_peak`) of this process, in MB. Not
+    ru_maxrss: Linux carries a parent's peak into a child across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
 
 
 def child(image: Path, budget: int, batch: int, redis_url: str, namespace: str) -> dict[str, object]:
@@ -76,11 +85,12 @@ def child(image: Path, budget: int, batch: int, redis_url: str, namespace: str) 
         engine.predict([RequestItem(TASK, image_bytes(0))])  # warm-up: task loaded, pools started
         data = image.read_bytes()
         items = [RequestItem(TASK, data) for _ in range(batch)]
-        before = rss_mb()
+        reset_peak()
+        before = memory_mb("VmRSS")
         t0 = time.perf_counter()
         results = engine.predict(items)
         seconds = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        peak = memory_mb("VmHWM")
     finally:
         engine.close()
     return {
