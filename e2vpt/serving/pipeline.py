@@ -4,11 +4,11 @@ scan(): every header is read and checked first (format allowed, bytes, pixels, b
 scanned without Pillow, `scan_image`), so the caller knows each image's decoded size before any pixel is
 decoded (the engine bounds the pixels a micro-batch holds with it).
 
-decode(): scanned images (or bytes, scanned first) -> pixels. On a CUDA engine, complete JPEGs of at least `gpu_min_pixels`
-(`nvjpeg_decodes`) are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg` on a list;
-EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops);
-every other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG
-decoder, Pillow for the rest). An image that a fast decoder refuses falls back to Pillow on its own, so
+decode(): scanned images (or bytes, scanned first) -> pixels. On a CUDA engine, complete JPEGs of at least
+`gpu_min_pixels` (`nvjpeg_decodes`) are decoded on the GPU in one call (torchvision's nvjpeg `decode_jpeg`
+on a list; EXIF orientation, which torchvision applies only on the CPU, then applied as tensor ops); every
+other image, and every image on a CPU engine, is decoded in a pool of threads (torchvision's JPEG decoder,
+Pillow for the rest: torchvision's PNG decoder can crash the process, `e2vpt.core.images`). An image that a fast decoder refuses falls back to Pillow on its own, so
 one corrupt file fails its own item only (typed, `InvalidImage` / `ImageTooLarge`).
 
 transform(): each item's recipe (`Preprocess`, the transform training used) as tensor ops where the
