@@ -26,7 +26,7 @@ import math
 import struct
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ class ImageLimits:
     max_pixels: int = _default("max_image_pixels")
     formats: frozenset[str] | None = frozenset(_default("image_formats"))
     reduce_pixels: int = _default("image_reduce_pixels")
+    max_jpeg_scans: int = _default("max_jpeg_scans")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
@@ -74,11 +75,12 @@ class ImageLimits:
             max_pixels=settings.max_image_pixels,
             formats=frozenset(f.upper() for f in settings.image_formats),
             reduce_pixels=settings.image_reduce_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
         )
 
 
 # Training reads the operator's own files: any format Pillow opens, no byte limit, Pillow's bomb guard.
-TRAINING_LIMITS = ImageLimits(max_bytes=2**62, max_pixels=2**62, formats=None)
+TRAINING_LIMITS = ImageLimits(max_bytes=2**62, max_pixels=2**62, formats=None, max_jpeg_scans=2**62)
 
 
 def _describe(formats: frozenset[str] | None) -> str:
@@ -112,7 +114,23 @@ def open_image(data: bytes | bytearray | memoryview | None, limits: ImageLimits)
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
+    if img.format in ("JPEG", "MPO"):
+        check_jpeg_scans(data, limits)
     return img
+
+
+def check_jpeg_scans(data: bytes | bytearray | memoryview, limits: ImageLimits) -> None:
+    """`ImageTooLarge` for a JPEG of more than `limits.max_jpeg_scans` scans (start-of-scan markers, which
+    entropy-coded data cannot contain; an Exif thumbnail's count too): a decoding-time bomb. About 1 us per
+    KB, so `read_header` skips it for files whose first scan holds every component (`JpegHeader.single_scan`:
+    the decoders stop there)."""
+    raw = data if isinstance(data, bytes | bytearray) else bytes(data)
+    scans = raw.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise ImageTooLarge(
+            f"JPEG has {scans} scans; the limit is {limits.max_jpeg_scans} (each scan is decoded over the whole "
+            "image: a decoding-time bomb)"
+        )
 
 
 def _pillow_reduces(side: int, r: int) -> bool:
@@ -158,22 +176,23 @@ def decode_image(
     `max_pixels` / `max_bytes` override those of `limits` (default `ImageLimits()`)."""
     limits = limits or ImageLimits()
     if max_pixels is not None or max_bytes is not None:
-        limits = ImageLimits(
+        limits = replace(
+            limits,
             max_bytes=max_bytes if max_bytes is not None else limits.max_bytes,
             max_pixels=max_pixels if max_pixels is not None else limits.max_pixels,
-            formats=limits.formats,
-            reduce_pixels=limits.reduce_pixels,
         )
     return _load(open_image(data, limits), limits)
 
 
 @dataclass(frozen=True)
 class JpegHeader:
-    """What the fast JPEG decoders need of a header: size and EXIF orientation (1-8)."""
+    """What the fast JPEG decoders need of a header: size and EXIF orientation (1-8); `single_scan`: a
+    sequential file whose first scan holds every component (no more scans are decoded)."""
 
     width: int
     height: int
     orientation: int = 1
+    single_scan: bool = field(default=False, compare=False)  # what the scan saw, beyond Pillow's answer
 
 
 # Markers Pillow skips without reading them (DHT, DAC, DRI, EXP, COM) or reads below (APPn, SOF0-2, DQT).
@@ -211,7 +230,7 @@ def scan_jpeg_header(data: bytes | bytearray | memoryview, limits: ImageLimits) 
         return None
     if data[:3] != b"\xff\xd8\xff":
         return None
-    pos, size, exif, dpi = 2, None, None, False
+    pos, size, exif, dpi, sof = 2, None, None, False, b""
     while True:
         if pos + 4 > n:
             return None
@@ -226,6 +245,7 @@ def scan_jpeg_header(data: bytes | bytearray | memoryview, limits: ImageLimits) 
             if size is not None or len(seg) < 6 or (len(seg) - 6) % 3 or seg[0] != 8 or seg[5] not in (1, 3):
                 return None
             size = (int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big"))
+            sof = bytes([marker, seg[5]])
         elif marker == 0xDB:
             at = pos + 4
             while at < end:  # Pillow's check: whole 8- or 16-bit tables
@@ -251,7 +271,8 @@ def scan_jpeg_header(data: bytes | bytearray | memoryview, limits: ImageLimits) 
     if pixels > limits.max_pixels or (Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS):
         return None
     orientation = 1 if exif is None else _scan_exif_orientation(exif, read_dpi=not dpi)
-    return None if orientation is None else JpegHeader(*size, orientation)
+    single_scan = sof[0] != 0xC2 and length > 2 and data[pos + 4] == sof[1]  # sequential, one full scan
+    return None if orientation is None else JpegHeader(*size, orientation, single_scan)
 
 
 def _scan_exif_orientation(tiff: bytes, *, read_dpi: bool) -> int | None:
@@ -346,6 +367,9 @@ def read_header(
     (`is_fast_jpeg`), else None; the opened image)."""
     header = scan_jpeg_header(data, limits) if data is not None else None
     if header is not None:
+        if not header.single_scan:
+            assert data is not None
+            check_jpeg_scans(data, limits)
         return header, None
     img = open_image(data, limits)
     return (JpegHeader(img.width, img.height, exif_orientation(img)) if is_fast_jpeg(img) else None), img

@@ -1,4 +1,5 @@
-"""Deterministic test images for tests, benchmarks and the demo: noise in any Pillow format, a PNG bomb."""
+"""Deterministic test images for tests, benchmarks and the demo: noise in any Pillow format, a PNG bomb, a
+JPEG scan bomb."""
 
 from __future__ import annotations
 
@@ -51,6 +52,26 @@ def photo_jpeg(seed: int, size: tuple[int, int] = (640, 480), quality: int = 90)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def jpeg_scan_bomb(size: tuple[int, int] = (64, 48), scans: int = 200) -> bytes:
+    """A valid progressive JPEG with `scans` extra scans of a few bytes each, every one of which the
+    decoders run over the whole image (a decoding-time bomb): an AC scan of the luma whose only Huffman
+    code, one bit long, is a run of 16384-32767 empty blocks, so ~16 bits cover 32767 blocks."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 60, 200)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    blocks = -(-size[0] // 8) * -(-size[1] // 8)  # luma blocks: a one-component scan covers them all
+    table = bytes([0x11, 1] + [0] * 15 + [0xE0])  # AC table 1: one code of length 1 -> EOB run, 14 bits
+    dht = b"\xff\xc4" + struct.pack(">H", 2 + len(table)) + table
+    bits = ""
+    for _ in range(max(1, -(-blocks // 32767))):
+        bits += "0" + format(32767 - 16384, "014b")  # a run longer than what is left ends the scan too
+    bits += "1" * (-len(bits) % 8)
+    entropy = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    header = bytes([1, 1, 0x01, 1, 63, 0])  # component 1 (tables 0 / 1), Ss 1, Se 63, Ah 0, Al 0
+    scan = b"\xff\xda" + struct.pack(">H", 2 + len(header)) + header + entropy
+    return data[:-2] + dht + scan * scans + data[-2:]
 
 
 def with_exif(data: bytes, orientation: int = 6) -> bytes:

@@ -17,6 +17,7 @@ from PIL import Image
 import e2vpt.core.images as images_module
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.images import (
+    TRAINING_LIMITS,
     ImageLimits,
     Preprocess,
     apply_orientation,
@@ -26,9 +27,10 @@ from e2vpt.core.images import (
     eval_transform,
     exif_orientation,
     pil_to_tensor,
+    read_header,
     scan_image,
 )
-from e2vpt.dev.images import image_bytes, photo_jpeg, pil_reference_transform
+from e2vpt.dev.images import image_bytes, jpeg_scan_bomb, photo_jpeg, pil_reference_transform, with_exif
 from e2vpt.errors import ImageTooLarge, InvalidImage
 
 
@@ -126,6 +128,34 @@ def test_a_png_with_a_broken_crc_cannot_kill_the_process() -> None:
     run = subprocess.run([sys.executable, "-c", code], input=bytes(data), capture_output=True, timeout=120)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
     assert run.stdout.decode().strip() == "(3, 47, 61)" or run.stdout.startswith(b"InvalidImage")
+
+
+def test_jpeg_scan_bombs_are_refused_from_the_header() -> None:
+    """A JPEG of more than `max_jpeg_scans` scans is a decoding-time bomb (every scan decoded over the whole
+    image: 2,000 scans of a 40 MP image took 10.8 s here): 413 before decoding, on both paths; the limit is
+    the caller's (training reads the operator's files without it). Real files pass: progressive (10 scans),
+    optimised, with an Exif block; a sequential file with one full scan is not counted at all."""
+    bomb = jpeg_scan_bomb((640, 480), scans=200)
+    for decode in (lambda d, lim: decode_tensor(d, lim), lambda d, lim: decode_image(d, limits=lim)):
+        with pytest.raises(ImageTooLarge, match="210 scans; the limit is 100"):
+            decode(bomb, ImageLimits())
+        assert tuple(decode_tensor(bomb, ImageLimits(max_jpeg_scans=210)).shape) == (3, 480, 640)
+    assert decode_image(bomb, limits=TRAINING_LIMITS).size == (640, 480)
+    photo = Image.open(io.BytesIO(photo_jpeg(5)))
+    for save in ({"progressive": True}, {"progressive": True, "optimize": True}, {"optimize": True}, {}):
+        buf = io.BytesIO()
+        photo.save(buf, "JPEG", **save)
+        for data in (buf.getvalue(), with_exif(buf.getvalue())):
+            header, _ = read_header(data, ImageLimits(max_jpeg_scans=10))
+            assert header is not None and header.single_scan == (not save.get("progressive"))
+            assert torch.equal(
+                decode_tensor(data, ImageLimits(max_jpeg_scans=10)), pil_to_tensor(decode_image(data))
+            )
+    sequential = io.BytesIO()
+    photo.save(sequential, "JPEG")
+    data = sequential.getvalue()
+    extra = data[:-2] + data[data.rfind(b"\xff\xda") : -2] * 200 + data[-2:]  # the decoders stop after scan 1
+    assert read_header(extra, ImageLimits(max_jpeg_scans=1))[0] is not None
 
 
 def test_formats_follow_the_limits() -> None:

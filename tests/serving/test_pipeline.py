@@ -24,7 +24,7 @@ from e2vpt.core.images import (
     pil_to_tensor,
     read_header,
 )
-from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb, with_exif
+from e2vpt.dev.images import image_bytes, jpeg_scan_bomb, photo_jpeg, png_header_bomb, with_exif
 from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
@@ -64,6 +64,8 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
         "garbage": (b"\xff\xd8\xff\xe0garbage", InvalidImage),
         "empty": (b"", InvalidImage),
         "png-bomb": (png_header_bomb(), ImageTooLarge),
+        # 210 scans, each decoded over the whole image (photo-sized: nvjpeg's on CUDA, but for its scans)
+        "jpeg-scan-bomb": (jpeg_scan_bomb((640, 480)), ImageTooLarge),
         "jpeg2000-off-by-default": (j2k_bytes(), InvalidImage),
         "ico-not-allowed": (image_bytes(5, (32, 32), "ICO"), InvalidImage),
     }
