@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps, TiffImagePlugin
+from PIL import Image, ImageOps, JpegImagePlugin, TiffImagePlugin
 from torchvision.transforms import InterpolationMode
 
 from e2vpt.config import Settings
@@ -93,6 +93,8 @@ def open_image(data: bytes | bytearray | memoryview | None, limits: ImageLimits)
         raise InvalidImage("empty image: the request carried no image bytes")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    if data[:3] == b"\xff\xd8\xff":
+        check_jpeg_header_length(data)
     # Pillow's opener ids (an MPO file is opened by the JPEG opener, then reports format "MPO")
     formats = None if limits.formats is None else [f for f in sorted(limits.formats) if f in Image.OPEN]
     try:
@@ -117,6 +119,41 @@ def open_image(data: bytes | bytearray | memoryview | None, limits: ImageLimits)
     if img.format in ("JPEG", "MPO"):
         check_jpeg_scans(data, limits)
     return img
+
+
+def check_jpeg_header_length(data: bytes | bytearray | memoryview) -> None:
+    """`ImageTooLarge` for bytes that Pillow's JPEG opener would read in more than
+    `MAX_JPEG_HEADER_SEGMENTS` steps before the first scan: its loop (`JpegImageFile._open`) followed step
+    by step, a segment with a length in one step, a fill byte (0xFF), an escaped 0xFF or a stray byte each
+    in one, and stopped where Pillow stops (start of scan, end of data, a byte it refuses)."""
+    n, pos, steps, at_ff = len(data), 3, 0, True  # after the FF D8 FF signature; its last FF starts a marker
+    while pos < n:
+        steps += 1
+        if steps > MAX_JPEG_HEADER_SEGMENTS:
+            raise ImageTooLarge(
+                f"JPEG header has more than {MAX_JPEG_HEADER_SEGMENTS} segments or stray bytes"
+            )
+        if not at_ff:  # a stray byte: Pillow reads the next one
+            at_ff, pos = data[pos] == 0xFF, pos + 1
+            continue
+        marker = 0xFF00 | data[pos]
+        pos += 1
+        if marker in JpegImagePlugin.MARKER:
+            if marker == 0xFFDA:
+                return
+            if JpegImagePlugin.MARKER[marker][2] is not None:  # a segment: its length, then its bytes
+                if pos + 2 > n:
+                    return
+                pos += int.from_bytes(data[pos : pos + 2], "big")
+            if pos >= n:
+                return
+            at_ff, pos = data[pos] == 0xFF, pos + 1
+        elif marker == 0xFF00:  # an escaped 0xFF: Pillow reads on
+            if pos >= n:
+                return
+            at_ff, pos = data[pos] == 0xFF, pos + 1
+        elif marker != 0xFFFF:  # Pillow refuses it ("no marker found"); a fill byte (FF FF) reads on
+            return
 
 
 def check_jpeg_scans(data: bytes | bytearray | memoryview, limits: ImageLimits) -> None:
@@ -198,6 +235,11 @@ class JpegHeader:
 # Markers Pillow skips without reading them (DHT, DAC, DRI, EXP, COM) or reads below (APPn, SOF0-2, DQT).
 # Any other marker, or bytes between segments, goes to Pillow (it knows them all).
 _SKIPPED_MARKERS = frozenset({0xC4, 0xCC, 0xDD, 0xDF, 0xFE})
+# Segments (and fill or stray bytes) a JPEG header may have before its first scan (real files: under 30; an
+# ICC profile split into 64 KB pieces: up to 256 within `max_image_bytes`). Pillow's `open` walks them in
+# Python, one step per segment or stray byte: 16 MB of 4-byte comments took it 5.6 s here, 4 MB of 0xFF fill
+# bytes 3.3 s; such files are refused first (413), in about a millisecond (`check_jpeg_header_length`).
+MAX_JPEG_HEADER_SEGMENTS = 1000
 _SEGMENT = struct.Struct(">BBH")
 # APP segments that Pillow parses: (marker, prefix, the shortest one its parser survives). XMP (it may
 # hold the orientation), MPF (it may make the file an MPO) and Photoshop blocks are left to Pillow.
@@ -231,7 +273,7 @@ def scan_jpeg_header(data: bytes | bytearray | memoryview, limits: ImageLimits) 
     if data[:3] != b"\xff\xd8\xff":
         return None
     pos, size, exif, dpi, sof = 2, None, None, False, b""
-    while True:
+    for _ in range(MAX_JPEG_HEADER_SEGMENTS + 1):
         if pos + 4 > n:
             return None
         ff, marker, length = _SEGMENT.unpack_from(data, pos)
@@ -265,6 +307,8 @@ def scan_jpeg_header(data: bytes | bytearray | memoryview, limits: ImageLimits) 
         elif marker not in _SKIPPED_MARKERS:
             return None
         pos = end
+    else:  # a flood of segments: Pillow's path refuses it (`check_jpeg_header_length`)
+        return None
     if size is None or size[0] <= 0 or size[1] <= 0:
         return None
     pixels = size[0] * size[1]

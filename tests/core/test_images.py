@@ -158,6 +158,26 @@ def test_jpeg_scan_bombs_are_refused_from_the_header() -> None:
     assert read_header(extra, ImageLimits(max_jpeg_scans=1))[0] is not None
 
 
+@pytest.mark.parametrize(
+    "flood",
+    [b"\xff" * 1001, b"\xff\x00" * 1001, b"\xff\xfe\x00\x02" * 1001, b"\xff\xfe\x00\x02" + b"\0" * 1001],
+    ids=["fill bytes", "escaped FF", "comments", "stray bytes"],
+)
+def test_jpeg_header_floods_are_refused_before_pillow_walks_them(flood: bytes) -> None:
+    """Pillow's JPEG opener takes one Python step per header segment or stray byte (4 MB of fill bytes:
+    3.3 s here); past MAX_JPEG_HEADER_SEGMENTS steps the header is refused (413) before Pillow opens it, on
+    the plain-JPEG scan's path and Pillow's (CMYK) alike. Real headers, and fill bytes within the limit, pass."""
+    for mode in ("RGB", "CMYK"):
+        buf = io.BytesIO()
+        Image.new(mode, (16, 16)).save(buf, "JPEG")
+        data = buf.getvalue()
+        for decode in (lambda d: decode_tensor(d, ImageLimits()), lambda d: decode_image(d)):
+            with pytest.raises(ImageTooLarge, match="more than 1000 segments or stray bytes"):
+                decode(data[:2] + flood + data[2:])
+        padded = data[:2] + flood[: len(flood) // 1001 * 990] + data[2:]  # 990 steps
+        assert torch.equal(decode_tensor(padded, ImageLimits()), pil_to_tensor(decode_image(data)))
+
+
 def test_formats_follow_the_limits() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG2000")

@@ -66,6 +66,7 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
         "png-bomb": (png_header_bomb(), ImageTooLarge),
         # 210 scans, each decoded over the whole image (photo-sized: nvjpeg's on CUDA, but for its scans)
         "jpeg-scan-bomb": (jpeg_scan_bomb((640, 480)), ImageTooLarge),
+        "jpeg-header-flood": (jpeg[:2] + b"\xff\xfe\x00\x02" * 2000 + jpeg[2:], ImageTooLarge),
         "jpeg2000-off-by-default": (j2k_bytes(), InvalidImage),
         "ico-not-allowed": (image_bytes(5, (32, 32), "ICO"), InvalidImage),
     }
