@@ -7,6 +7,7 @@ import io
 import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -176,6 +177,22 @@ def test_jpeg_header_floods_are_refused_before_pillow_walks_them(flood: bytes) -
                 decode(data[:2] + flood + data[2:])
         padded = data[:2] + flood[: len(flood) // 1001 * 990] + data[2:]  # 990 steps
         assert torch.equal(decode_tensor(padded, ImageLimits()), pil_to_tensor(decode_image(data)))
+
+
+def test_png_chunk_floods_are_refused_before_pillow_walks_them() -> None:
+    """Pillow handles every PNG chunk in Python (2.4 MB of empty ancillary chunks: 1.5 s here); a PNG of
+    more than MAX_PNG_CHUNKS chunks is refused (413) from a walk of their lengths. At the limit it decodes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    png = buf.getvalue()
+    empty = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))  # an ancillary chunk
+    at = 8 + 25  # after the signature and IHDR; IHDR, IDAT and these are the chunks counted
+    over = png[:at] + empty * (images_module.MAX_PNG_CHUNKS - 1) + png[at:]
+    for decode in (lambda d: decode_tensor(d, ImageLimits()), lambda d: decode_image(d)):
+        with pytest.raises(ImageTooLarge, match="PNG has more than 20000 chunks"):
+            decode(over)
+    at_limit = png[:at] + empty * (images_module.MAX_PNG_CHUNKS - 2) + png[at:]
+    assert torch.equal(decode_tensor(at_limit, ImageLimits()), decode_tensor(png, ImageLimits()))
 
 
 def test_formats_follow_the_limits() -> None:

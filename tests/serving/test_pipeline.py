@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -50,6 +51,8 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
     dds = bytearray(image_bytes(4, (32, 32), "DDS"))
     dds[80:84] = struct.pack("<I", 0xB90000)  # pixel format flags
     photo = photo_jpeg(6)
+    png = image_bytes(7, (20, 10), "PNG")
+    empty_chunk = b"\0\0\0\0abCd" + zlib.crc32(b"abCd").to_bytes(4, "big")
     return {
         "truncated-jpeg": (jpeg[: len(jpeg) // 2], InvalidImage),
         # an interrupted upload of a photo: its header is whole (scanned), so on CUDA only the missing
@@ -67,6 +70,8 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
         # 210 scans, each decoded over the whole image (photo-sized: nvjpeg's on CUDA, but for its scans)
         "jpeg-scan-bomb": (jpeg_scan_bomb((640, 480)), ImageTooLarge),
         "jpeg-header-flood": (jpeg[:2] + b"\xff\xfe\x00\x02" * 2000 + jpeg[2:], ImageTooLarge),
+        # 20,001 empty ancillary chunks after IHDR: Pillow would handle each in Python
+        "png-chunk-flood": (png[:33] + empty_chunk * 20_001 + png[33:], ImageTooLarge),
         "jpeg2000-off-by-default": (j2k_bytes(), InvalidImage),
         "ico-not-allowed": (image_bytes(5, (32, 32), "ICO"), InvalidImage),
     }
