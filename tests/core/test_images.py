@@ -195,6 +195,29 @@ def test_png_chunk_floods_are_refused_before_pillow_walks_them() -> None:
     assert torch.equal(decode_tensor(at_limit, ImageLimits()), decode_tensor(png, ImageLimits()))
 
 
+GIF_FLOODS = {  # n steps of Pillow's GIF reader
+    "comment blocks": lambda n: b"\x21\xfe\x01a\x00" * (n // 2),  # an extension and its sub-block: 2 steps
+    "sub-blocks": lambda n: b"\x21\xfe" + b"\x01a" * n + b"\x00",
+    "stray bytes": lambda n: b"\x00" * n,
+}
+
+
+@pytest.mark.parametrize("kind", list(GIF_FLOODS))
+def test_gif_header_floods_are_refused_before_pillow_walks_them(kind: str) -> None:
+    """Pillow reads a GIF's blocks before its first image in Python, one step per extension, sub-block or
+    stray byte; past MAX_GIF_HEADER_BLOCKS steps the file is refused (413). A tenth of that decodes."""
+    buf = io.BytesIO()
+    Image.new("P", (16, 16), 3).save(buf, "GIF")
+    gif = buf.getvalue()
+    at = gif.find(b"\x2c")  # the image descriptor
+    limit = images_module.MAX_GIF_HEADER_BLOCKS
+    for decode in (lambda d: decode_tensor(d, ImageLimits()), lambda d: decode_image(d)):
+        with pytest.raises(ImageTooLarge, match=f"GIF has more than {limit} blocks"):
+            decode(gif[:at] + GIF_FLOODS[kind](limit + 2) + gif[at:])
+    tenth = gif[:at] + GIF_FLOODS[kind](limit // 10) + gif[at:]
+    assert torch.equal(decode_tensor(tenth, ImageLimits()), decode_tensor(gif, ImageLimits()))
+
+
 def test_formats_follow_the_limits() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG2000")

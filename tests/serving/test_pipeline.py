@@ -52,6 +52,8 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
     dds[80:84] = struct.pack("<I", 0xB90000)  # pixel format flags
     photo = photo_jpeg(6)
     png = image_bytes(7, (20, 10), "PNG")
+    gif = image_bytes(8, (20, 10), "GIF", "L")
+    blocks = 13 + (3 << ((gif[10] & 7) + 1))  # after the screen descriptor and its global colour table
     empty_chunk = b"\0\0\0\0abCd" + zlib.crc32(b"abCd").to_bytes(4, "big")
     return {
         "truncated-jpeg": (jpeg[: len(jpeg) // 2], InvalidImage),
@@ -72,6 +74,7 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
         "jpeg-header-flood": (jpeg[:2] + b"\xff\xfe\x00\x02" * 2000 + jpeg[2:], ImageTooLarge),
         # 20,001 empty ancillary chunks after IHDR: Pillow would handle each in Python
         "png-chunk-flood": (png[:33] + empty_chunk * 20_001 + png[33:], ImageTooLarge),
+        "gif-comment-flood": (gif[:blocks] + b"\x21\xfe\x01a\x00" * 50_001 + gif[blocks:], ImageTooLarge),
         "jpeg2000-off-by-default": (j2k_bytes(), InvalidImage),
         "ico-not-allowed": (image_bytes(5, (32, 32), "ICO"), InvalidImage),
     }
