@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torchvision.io as tvio
@@ -43,6 +43,7 @@ from e2vpt.errors import E2VPTError, InvalidImage
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Decoded = torch.Tensor | E2VPTError
 Scan = Scanned | E2VPTError
 JPEG_EOI = b"\xff\xd9"
@@ -58,11 +59,15 @@ def nvjpeg_decodes(header: JpegHeader, data: bytes | bytearray | memoryview, min
     return header.width * header.height >= min_pixels and data[-2:] == JPEG_EOI
 
 
-def _typed(exc: Exception) -> E2VPTError:
-    if isinstance(exc, E2VPTError):
+def _own(fn: Callable[..., T], *args: Any) -> T | E2VPTError:
+    """fn(*args), or its failure as this item's own typed error (an untyped one logged: InvalidImage)."""
+    try:
+        return fn(*args)
+    except E2VPTError as exc:
         return exc
-    log.warning("image decoding raised %s", type(exc).__name__, exc_info=exc)
-    return InvalidImage(f"unreadable image: {type(exc).__name__}")
+    except Exception as exc:
+        log.warning("image decoding raised %s", type(exc).__name__, exc_info=exc)
+        return InvalidImage(f"unreadable image: {type(exc).__name__}")
 
 
 class ImagePipeline:
@@ -106,25 +111,11 @@ class ImagePipeline:
         return [self._pool.submit(fn, *a) for a in args]
 
     # ------------------------------------------------------------------ decode
-    @staticmethod
-    def _scan_one(data: bytes, limits: ImageLimits) -> Scan:
-        try:
-            return scan_image(data, limits)
-        except Exception as exc:  # any failure is this item's own
-            return _typed(exc)
-
     def scan(self, images: Sequence[bytes], limits: ImageLimits | None = None) -> list[Scan]:
         """Each image's header read and checked against `limits` (default: the pipeline's): what decoding
         it needs and its decoded size, or its typed error. Cheap: no pixel is decoded."""
         limits = limits or self.limits
-        return [self._scan_one(data, limits) for data in images]
-
-    @staticmethod
-    def _decode_one(scanned: Scanned, limits: ImageLimits) -> Decoded:
-        try:
-            return decode_scanned(scanned, limits)
-        except Exception as exc:  # any failure is this item's own
-            return _typed(exc)
+        return [_own(scan_image, data, limits) for data in images]
 
     def decode(self, images: Sequence[bytes | Scan], limits: ImageLimits | None = None) -> list[Decoded]:
         """uint8 [3, H, W] per image (on the engine's device for GPU-decoded ones), or its typed error.
@@ -135,7 +126,7 @@ class ImagePipeline:
         gpu: list[tuple[int, Scanned]] = []
         cpu: list[tuple[int, Scanned]] = []
         for i, image in enumerate(images):
-            scanned = image if isinstance(image, Scanned | E2VPTError) else self._scan_one(image, limits)
+            scanned = image if isinstance(image, Scanned | E2VPTError) else _own(scan_image, image, limits)
             if isinstance(scanned, E2VPTError):
                 out[i] = scanned
             elif (
@@ -146,14 +137,16 @@ class ImagePipeline:
                 gpu.append((i, scanned))
             else:
                 cpu.append((i, scanned))
-        futures = self._map(self._decode_one, [(s, limits) for _, s in cpu])
+        futures = self._map(_own, [(decode_scanned, s, limits) for _, s in cpu])
         if gpu:
             decoded = self._decode_gpu([s.data for _, s in gpu])
             for (i, s), x in zip(gpu, decoded, strict=True):
                 assert s.jpeg is not None
                 # nvjpeg refused it: the CPU decoders (and Pillow's verdict) decide
                 out[i] = (
-                    apply_orientation(x, s.jpeg.orientation) if x is not None else self._decode_one(s, limits)
+                    apply_orientation(x, s.jpeg.orientation)
+                    if x is not None
+                    else _own(decode_scanned, s, limits)
                 )
         for (i, _), x in zip(cpu, futures, strict=True):
             out[i] = x.result() if isinstance(x, Future) else x
