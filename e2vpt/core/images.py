@@ -275,15 +275,15 @@ _SKIPPED_MARKERS = frozenset({0xC4, 0xCC, 0xDD, 0xDF, 0xFE})
 # Segments (and fill or stray bytes) a JPEG header may have before its first scan (real files: under 30; an
 # ICC profile split into 64 KB pieces: up to 256 within `max_image_bytes`). Pillow's `open` walks them in
 # Python, one step per segment or stray byte: 16 MB of 4-byte comments took it 5.6 s here, 4 MB of 0xFF fill
-# bytes 3.3 s; such files are refused first (413), in about a millisecond (`check_jpeg_header_length`).
+# bytes 3.7 s; such files are refused first (413), in about a millisecond (`check_jpeg_header_length`).
 MAX_JPEG_HEADER_SEGMENTS = 1000
-# Chunks a PNG may have (Pillow handles each in Python, about 4 us: 2.4 MB of empty ancillary chunks took it
-# 1.5 s here). Real files: a few ancillary chunks and image data in 8-64 KB chunks (2,000 or fewer within
+# Chunks a PNG may have (Pillow handles each in Python, about 6 us: 2.4 MB of empty ancillary chunks took it
+# 1.2 s here). Real files: a few ancillary chunks and image data in 8-64 KB chunks (2,000 or fewer within
 # `max_image_bytes`); an animated PNG adds two per frame.
 MAX_PNG_CHUNKS = 20_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Blocks, data sub-blocks and stray bytes a GIF may have before its first image (Pillow reads each in Python;
-# 1 MB of comment blocks took it 0.26 s under load). An XMP packet is written as one sub-block per byte or
+# 1 MB of comment blocks took it 0.18 s). An XMP packet is written as one sub-block per byte or
 # so: real files have a few thousand.
 MAX_GIF_HEADER_BLOCKS = 100_000
 _SEGMENT = struct.Struct(">BBH")

@@ -1,5 +1,5 @@
 """Deterministic test images for tests, benchmarks and the demo: noise in any Pillow format, a PNG bomb, a
-JPEG scan bomb."""
+JPEG scan bomb, header floods."""
 
 from __future__ import annotations
 
@@ -72,6 +72,35 @@ def jpeg_scan_bomb(size: tuple[int, int] = (64, 48), scans: int = 200) -> bytes:
     header = bytes([1, 1, 0x01, 1, 63, 0])  # component 1 (tables 0 / 1), Ss 1, Se 63, Ah 0, Al 0
     scan = b"\xff\xda" + struct.pack(">H", 2 + len(header)) + header + entropy
     return data[:-2] + dht + scan * scans + data[-2:]
+
+
+def _small(fmt: str, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (16, 16), 3 if mode == "P" else (120, 60, 200)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def jpeg_header_flood(fill: int = 4_000_000) -> bytes:
+    """A 16x16 JPEG with `fill` 0xFF fill bytes before its first segment: Pillow's opener takes one Python
+    step per byte (4 MB: 3.3 s here); the header check refuses more than 1,000."""
+    data = _small("JPEG")
+    return data[:2] + b"\xff" * fill + data[2:]
+
+
+def png_chunk_flood(chunks: int = 200_000) -> bytes:
+    """A 16x16 PNG with `chunks` empty ancillary chunks after its header (IHDR), each one a Python step
+    of Pillow's reader (`MAX_PNG_CHUNKS` bounds them)."""
+    data = _small("PNG")
+    empty = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))
+    return data[:33] + empty * chunks + data[33:]
+
+
+def gif_block_flood(blocks: int = 200_000) -> bytes:
+    """A 16x16 GIF with `blocks` one-byte comment extensions before its image, two Python steps each of
+    Pillow's reader (`MAX_GIF_HEADER_BLOCKS` bounds them)."""
+    data = _small("GIF", "P")
+    at = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # after the global colour table
+    return data[:at] + b"\x21\xfe\x01a\x00" * blocks + data[at:]
 
 
 def with_exif(data: bytes, orientation: int = 6) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +24,16 @@ from e2vpt.core.images import (
     pil_to_tensor,
     read_header,
 )
-from e2vpt.dev.images import image_bytes, jpeg_scan_bomb, photo_jpeg, png_header_bomb, with_exif
+from e2vpt.dev.images import (
+    gif_block_flood,
+    image_bytes,
+    jpeg_header_flood,
+    jpeg_scan_bomb,
+    photo_jpeg,
+    png_chunk_flood,
+    png_header_bomb,
+    with_exif,
+)
 from e2vpt.errors import E2VPTError, ImageTooLarge, InvalidImage, InvalidPromptSet
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result
@@ -51,10 +59,6 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
     dds = bytearray(image_bytes(4, (32, 32), "DDS"))
     dds[80:84] = struct.pack("<I", 0xB90000)  # pixel format flags
     photo = photo_jpeg(6)
-    png = image_bytes(7, (20, 10), "PNG")
-    gif = image_bytes(8, (20, 10), "GIF", "L")
-    blocks = 13 + (3 << ((gif[10] & 7) + 1))  # after the screen descriptor and its global colour table
-    empty_chunk = b"\0\0\0\0abCd" + zlib.crc32(b"abCd").to_bytes(4, "big")
     return {
         "truncated-jpeg": (jpeg[: len(jpeg) // 2], InvalidImage),
         # an interrupted upload of a photo: its header is whole (scanned), so on CUDA only the missing
@@ -71,10 +75,10 @@ def poison_images() -> dict[str, tuple[bytes, type[E2VPTError]]]:
         "png-bomb": (png_header_bomb(), ImageTooLarge),
         # 210 scans, each decoded over the whole image (photo-sized: nvjpeg's on CUDA, but for its scans)
         "jpeg-scan-bomb": (jpeg_scan_bomb((640, 480)), ImageTooLarge),
-        "jpeg-header-flood": (jpeg[:2] + b"\xff\xfe\x00\x02" * 2000 + jpeg[2:], ImageTooLarge),
-        # 20,001 empty ancillary chunks after IHDR: Pillow would handle each in Python
-        "png-chunk-flood": (png[:33] + empty_chunk * 20_001 + png[33:], ImageTooLarge),
-        "gif-comment-flood": (gif[:blocks] + b"\x21\xfe\x01a\x00" * 50_001 + gif[blocks:], ImageTooLarge),
+        # headers Pillow would walk in Python, one step per fill byte, chunk or comment block
+        "jpeg-header-flood": (jpeg_header_flood(2000), ImageTooLarge),
+        "png-chunk-flood": (png_chunk_flood(20_001), ImageTooLarge),
+        "gif-comment-flood": (gif_block_flood(50_001), ImageTooLarge),
         "jpeg2000-off-by-default": (j2k_bytes(), InvalidImage),
         "ico-not-allowed": (image_bytes(5, (32, 32), "ICO"), InvalidImage),
     }
