@@ -82,7 +82,7 @@ def _small(fmt: str, mode: str = "RGB") -> bytes:
 
 def jpeg_header_flood(fill: int = 4_000_000) -> bytes:
     """A 16x16 JPEG with `fill` 0xFF fill bytes before its first segment: Pillow's opener takes one Python
-    step per byte (4 MB: 3.3 s here); the header check refuses more than 1,000."""
+    step per byte (4 MB: 3.7 s here, `bench_hostile_images.py`); the header check refuses more than 1,000."""
     data = _small("JPEG")
     return data[:2] + b"\xff" * fill + data[2:]
 
