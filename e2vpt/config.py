@@ -22,6 +22,9 @@ class PromptLimits:
     # metadata other than labels (config, metrics, ...): JSON bytes. Listings copy it, so it stays small.
     max_metadata_bytes: int = 8 * 1024
     max_label_chars: int = 256  # characters of one label
+    # largest magnitude of any prompt or head value: float16's largest finite value, because a CUDA engine
+    # serves in float16 by default and a larger value would become infinite there (NaN scores)
+    max_abs_value: float = 65504.0
 
 
 DEFAULT_LIMITS = PromptLimits()
@@ -48,6 +51,8 @@ class Settings(BaseSettings):
     # Metadata other than labels (config, metrics, ...): JSON bytes. Listings copy it, so it stays small.
     max_metadata_bytes: int = DEFAULT_LIMITS.max_metadata_bytes
     max_label_chars: int = DEFAULT_LIMITS.max_label_chars
+    # Largest magnitude of any prompt or head value (float16's largest: the CUDA default dtype).
+    max_prompt_value: float = DEFAULT_LIMITS.max_abs_value
 
     # --- Redis prompt store ---------------------------------------------------------------------
     redis_url: str = Field(
@@ -240,6 +245,7 @@ class Settings(BaseSettings):
             max_classes=self.max_classes,
             max_metadata_bytes=self.max_metadata_bytes,
             max_label_chars=self.max_label_chars,
+            max_abs_value=self.max_prompt_value,
         )
 
     @property

@@ -65,6 +65,9 @@ def hostile_prompt_sets(
         "kv [L,1,7,0,13]": (with_tensors(ps, kv=torch.zeros(L, 1, 7, 0, 13)), IncompatiblePromptSet),
         "kv [L,1,0,0,0]": (with_tensors(ps, kv=torch.zeros(L, 1, 0, 0, 0)), IncompatiblePromptSet),
         "segment mask [P,0]": (with_tensors(ps, segment_mask=torch.zeros(P, 0, dtype=torch.uint8)), InvalidPromptSet),
+        # values a GPU cannot serve: finite in float32, infinite in float16 (NaN scores for the task)
+        "visual 1e5": (with_tensors(ps, visual=torch.full_like(ps.visual, 1e5)), InvalidPromptSet),
+        "kv -7e4": (with_tensors(ps, kv=torch.full_like(ps.kv, -7e4)), InvalidPromptSet),
         # masks: uint8 0/1 only
         "token mask float 0.5": (with_tensors(ps, token_mask=torch.tensor([1.0, 0.5, 1.0, 0.0])), InvalidPromptSet),
         "token mask float nan": (
@@ -118,6 +121,7 @@ def broken_in_memory(
             InvalidPromptSet,
         ),
         "kv [L,1,7,0,13]": (replace(ps, kv=torch.zeros(info.depth, 1, 7, 0, 13)), IncompatiblePromptSet),
+        "head 3e38": (replace(ps, head_weight=ps.head_weight * 0 + 3e38), InvalidPromptSet),
     }
 
 

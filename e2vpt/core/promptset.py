@@ -13,7 +13,8 @@ Tensors (float32, float16 or bfloat16; all float tensors share one dtype):
 
 Masks hold 0 and 1 only (uint8 in a file; bool is accepted in memory and stored as uint8). The metadata
 (everything but the labels) is at most `max_metadata_bytes` of JSON, finite numbers only, nested at most
-`MAX_METADATA_DEPTH` levels; labels are at most `max_label_chars` characters each.
+`MAX_METADATA_DEPTH` levels; labels are at most `max_label_chars` characters each. Float values are finite
+and at most `max_abs_value` in magnitude (float16's range by default: a GPU serves in float16).
 """
 
 from __future__ import annotations
@@ -433,8 +434,14 @@ class PromptSet:
             if self.segment_layout not in SEGMENT_LAYOUTS:
                 raise InvalidPromptSet(f"unknown segment layout {self.segment_layout!r}")
         for key, t in floats.items():
-            if not bool(torch.isfinite(t).all()):
+            largest = float(t.abs().amax()) if t.numel() else 0.0  # NaN and infinity propagate
+            if not math.isfinite(largest):
                 raise InvalidPromptSet(f"{key} contains NaN or infinite values")
+            if largest > limits.max_abs_value:
+                raise InvalidPromptSet(
+                    f"{key} holds a value of magnitude {largest:.4g}; the limit is {limits.max_abs_value:g} "
+                    "(float16's range, what a GPU serves in; E2VPT_MAX_PROMPT_VALUE)"
+                )
 
     def _check_metadata_size(self, limit: int) -> None:
         """The metadata without labels: JSON of finite numbers, at most `limit` bytes, shallow."""

@@ -23,6 +23,7 @@ No TorchServe import: the TorchServe handler, benchmarks and tests all drive thi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -347,8 +348,10 @@ class MultiTaskEngine:
             out[item.index] = E2VPTError(f"inference failed for task {task_id!r}")
 
     @torch.inference_mode()
-    def _forward(self, good: list[BatchItem], entries: list[CachedPrompts]) -> list[Result]:
-        """One forward of `good`; entries[b] is item b's task. Prompts and heads come from the table."""
+    def _forward(self, good: list[BatchItem], entries: list[CachedPrompts]) -> list[Result | E2VPTError]:
+        """One forward of `good`; entries[b] is item b's task. Prompts and heads come from the table. An item
+        whose scores are not finite (its task's prompts overflow the serving dtype on this image) gets its
+        own 500: a response never carries NaN, which is not JSON."""
         t0 = time.perf_counter()
         with stage("e2vpt.assemble"):
             batch = self.cache.table.gather([e.slot for e in entries])
@@ -364,12 +367,21 @@ class MultiTaskEngine:
             idx_list = idx.tolist()
         self.metrics.forward_seconds.observe(time.perf_counter() - t0)
         with stage("e2vpt.results"):
-            results = []
+            results: list[Result | E2VPTError] = []
             for b, (item, entry) in enumerate(zip(good, entries, strict=True)):
                 n = min(item.top_k, len(entry.labels))
+                if not all(map(math.isfinite, scores[b][:n])):  # softmax makes a whole row NaN
+                    results.append(self._non_finite(item.task_id))
+                    continue
                 preds = [
                     Prediction(entry.labels[j], s)
                     for s, j in zip(scores[b][:n], idx_list[b][:n], strict=True)
                 ]
                 results.append(Result(item.task_id, entry.version, preds))
         return results
+
+    def _non_finite(self, task_id: str) -> E2VPTError:
+        dtype = str(self.dtype).removeprefix("torch.")
+        log.warning("task %r gave non-finite scores in %s", task_id, dtype)
+        self.metrics.observe_failure(task_id, "forward")
+        return E2VPTError(f"task {task_id!r} gave non-finite scores for this image (overflow in {dtype})")

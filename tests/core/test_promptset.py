@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone, BackboneInfo
 from e2vpt.core.promptset import FORMAT_VERSION, META_KEY, PromptSet, check_task_id, expand_segment_mask
 from e2vpt.errors import (
@@ -240,6 +241,23 @@ def test_non_finite(backbone: Backbone, key: str, value: float) -> None:
     tensors[key] = t
     err = expect(InvalidPromptSet, payload(tensors, meta))
     assert "NaN" in str(err)
+
+
+@pytest.mark.parametrize("key", ["visual", "kv", "head_weight", "head_bias"])
+def test_values_past_float16_are_refused_unless_allowed(backbone: Backbone, key: str) -> None:
+    """A finite float32 value beyond float16's range would be infinite in a CUDA engine's default dtype
+    (NaN scores for the task): refused by default; float16's largest value passes; the limit is a setting."""
+    tensors, meta = good_parts(backbone.info)
+    for value, ok in ((65504.0, True), (-65504.0, True), (65505.0, False), (-1e30, False)):
+        t = tensors[key].clone()
+        t.view(-1)[-1] = value
+        data = payload({**tensors, key: t}, meta)
+        if ok:
+            PromptSet.from_bytes(data).validate(backbone.info)
+        else:
+            assert "E2VPT_MAX_PROMPT_VALUE" in str(expect(InvalidPromptSet, data))
+    looser = Settings(max_prompt_value=1e31).prompt_limits
+    PromptSet.from_bytes(data, limits=looser).validate(backbone.info, looser)
 
 
 @pytest.mark.parametrize("version", [0, 2, 99, "1", None])

@@ -253,3 +253,38 @@ def test_prompts_follow_the_backbone_dtype(device: str, dtype: torch.dtype) -> N
     # the same features (prompts cast to the backbone's dtype); heads applied in the batch's own dtype
     assert torch.allclose(loose.float(), exact.float(), atol=2e-2)
     assert torch.equal(loose.float().argmax(1), exact.float().argmax(1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_task_whose_scores_overflow_fails_alone(device: str, store: PromptStore) -> None:
+    """A set inside the registry's limits (every value within float16's range) whose head still overflows a
+    float16 engine on some images (+-65504 per feature: logits past float16's largest): those items get
+    their own 500, never NaN scores (not JSON); the other task's items in the same batch are answered
+    exactly as in a batch without it."""
+    half = tiny_backbone(dtype=torch.float16, device=device)
+    good = make_set("fine", half, 3, 1)
+    sign = torch.ones(half.info.embed_dim).index_fill_(0, torch.arange(0, half.info.embed_dim, 2), -1)
+    overflow = make_set("overflow", half, 3, 2)
+    overflow = replace(overflow, head_weight=(65504.0 * sign).expand(3, -1).clone())
+    for ps in (good, overflow):
+        store.register(ps)
+    metrics = ServingMetrics()
+    engine = MultiTaskEngine(half, store, Settings(cache_version_check_ms=-1, top_k=3), metrics=metrics)
+    try:
+        tasks = ["fine", "overflow", "fine", "overflow", "overflow", "fine"]
+        images = [image_bytes(40 + i) for i in range(len(tasks))]
+        out = engine.predict([RequestItem(t, im) for t, im in zip(tasks, images, strict=True)])
+        alone = engine.predict(
+            [RequestItem("fine", im) for t, im in zip(tasks, images, strict=True) if t == "fine"]
+        )
+    finally:
+        engine.close()
+    fine = [r for t, r in zip(tasks, out, strict=True) if t == "fine"]
+    assert [r.to_dict() for r in fine] == [r.to_dict() for r in alone]  # type: ignore[union-attr]
+    for t, res in zip(tasks, out, strict=True):
+        if t == "overflow":
+            assert isinstance(res, E2VPTError) and res.http_status == 500, res
+            assert "non-finite" in res.message and "float16" in res.message
+    text = generate_latest(metrics.registry).decode()
+    assert 'e2vpt_item_failures_total{stage="forward",task="overflow"} 3.0' in text
+    assert 'e2vpt_requests_total{status="500",task="overflow"} 3.0' in text
