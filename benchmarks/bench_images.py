@@ -15,12 +15,16 @@ Each cell is the median images/s over repeated calls for about --seconds (at lea
 - headers: reading one JPEG's header (size, mode, EXIF orientation, limits), the serial step before every
   batch's decode: Pillow (`open_image` + `exif_orientation`, the former path) against `read_header`'s
   scan, per image, for the files above and for the same files with an Exif block (orientation, dpi).
+- reopen: what decoding an image Pillow reads (PNG, WebP, GIF, BMP) repeats of its scan: the engine scans
+  every header first and keeps no Pillow image (it would hold the pixels for the whole batch), so
+  `decode_scanned` opens the bytes again (`open_image`); per image, against that image's decode.
 Prints a table, writes JSON. Numbers are for this machine only (and its load).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -34,11 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from e2vpt.core.backbone import load_backbone  # noqa: E402
-from e2vpt.core.images import ImageLimits, decode_image, exif_orientation, open_image, read_header  # noqa: E402
+from e2vpt.core.images import (  # noqa: E402
+    ImageLimits,
+    decode_image,
+    decode_scanned,
+    exif_orientation,
+    open_image,
+    read_header,
+    scan_image,
+)
 from e2vpt.dev.images import photo_jpeg, pil_reference_transform, with_exif  # noqa: E402
 from e2vpt.serving.pipeline import ImagePipeline  # noqa: E402
 
@@ -104,6 +117,28 @@ def headers(files: list[bytes], limits: ImageLimits, seconds: float) -> list[dic
     return rows
 
 
+def reopen(photo: bytes, limits: ImageLimits, seconds: float) -> list[dict[str, Any]]:
+    """Microseconds of the second `open_image` against milliseconds of `decode_scanned`, per format."""
+    img = Image.open(io.BytesIO(photo))
+    rows = []
+    for fmt in ("PNG", "WEBP", "GIF", "BMP"):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        data = buf.getvalue()
+        scanned = scan_image(data, limits)
+        cpu = torch.device("cpu")
+
+        def opens(data: bytes = data) -> None:  # one at a time: the engine holds no opened image
+            for _ in range(100):
+                open_image(data, limits)
+
+        open_s = timed(opens, seconds, cpu) / 100
+        decode_s = timed(lambda scanned=scanned: decode_scanned(scanned, limits), seconds, cpu)
+        rows.append({"method": "reopen", "format": fmt, "bytes": len(data), "open_us": open_s * 1e6,
+                     "decode_ms": decode_s * 1e3, "share": open_s / decode_s})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -142,6 +177,7 @@ def main() -> None:
             rows.append({"method": name, "batch": b, "ms_per_batch": sec * 1e3, "images_per_s": b / sec})
     both = overlap(pipe, files[: max(b for b in args.batches if b <= 64)], device, args.seconds)
     header_rows = headers(files[:64], limits, args.seconds)
+    reopen_rows = reopen(files[0], limits, args.seconds)
     pipe.close()
     pool.shutdown()
 
@@ -159,7 +195,10 @@ def main() -> None:
     for h in header_rows:
         print(f"header of a JPEG ({h['files']}): Pillow {h['pillow_us']:.1f} us, scan {h['scan_us']:.1f} us "
               f"-> {h['speedup']:.1f}x")  # fmt: skip
-    rows += [both, *header_rows]
+    for r in reopen_rows:
+        print(f"{r['format']} 640x480: second open {r['open_us']:.1f} us, decode {r['decode_ms']:.2f} ms "
+              f"-> {100 * r['share']:.2f}% of it")  # fmt: skip
+    rows += [both, *header_rows, *reopen_rows]
     result = {
         "device": str(device),
         "gpu": gpu,
