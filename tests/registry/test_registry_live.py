@@ -182,6 +182,17 @@ def test_cli_errors_and_exit_codes(
     assert cli("register", str(bad), live=live) == EXIT_REFUSED
     assert "bad.safetensors: refused" in capsys.readouterr().err
     assert cli("register", str(tmp_path / "missing.safetensors"), live=live) == EXIT_NOINPUT
+    # what is not a prompt-set file is refused before it is read: a FIFO (the open would block), a device
+    # (read forever), a file over the size limit (read whole, then refused by the registry)
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    assert cli("register", str(tmp_path / "fifo.safetensors"), "/dev/zero", live=live) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "fifo.safetensors is not a regular file" in err and "/dev/zero is not a regular file" in err
+    huge = tmp_path / "huge.safetensors"
+    with huge.open("wb") as f:
+        f.truncate(65 * 2**20)  # sparse: over the 64 MiB default without writing it
+    assert cli("register", str(huge), live=live) == EXIT_REFUSED
+    assert "the limit is 67108864 (E2VPT_MAX_PROMPT_SET_BYTES)" in capsys.readouterr().err
     assert cli("import", str(tmp_path / "nope"), live=live) == EXIT_NOINPUT
     assert cli_main(["tasks", "list", "--url", f"http://127.0.0.1:{free_port()}"]) == EXIT_UNAVAILABLE
     assert "unreachable" in capsys.readouterr().err
