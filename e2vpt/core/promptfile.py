@@ -4,13 +4,29 @@ only need the metadata (the task id, for `e2vpt tasks register`) use this and st
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
 from typing import Any
 
 from e2vpt.core import safejson
-from e2vpt.errors import CorruptPromptSet
+from e2vpt.errors import CorruptPromptSet, PromptSetTooLarge
 
 META_KEY = "e2vpt"
 MAX_METADATA_DEPTH = 16
+
+
+def read_file(path: str | Path, limit: int) -> bytes:
+    """A prompt-set file's bytes, if it is a regular file of at most `limit` bytes: a FIFO would block the
+    open, a device (/dev/zero, size 0) would be read forever, a huge file read whole only to be refused.
+    FileNotFoundError if it is missing, OSError if it is not a regular file, PromptSetTooLarge."""
+    path = Path(path)
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise OSError(f"{path} is not a regular file")
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise PromptSetTooLarge(f"{path} is {path.stat().st_size} bytes; the limit is {limit}")
+    return data
 
 
 def read_metadata(data: bytes) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from e2vpt.core import safejson
 from e2vpt.core.backbone import BackboneInfo
 from e2vpt.core.images import RECIPES
 from e2vpt.core.method import DEFAULTS, SEGMENT_LAYOUTS, MethodConfig
-from e2vpt.core.promptfile import MAX_METADATA_DEPTH, META_KEY
+from e2vpt.core.promptfile import MAX_METADATA_DEPTH, META_KEY, read_file
 from e2vpt.core.promptfile import read_metadata as _read_metadata
 from e2vpt.errors import (
     CorruptPromptSet,
@@ -312,12 +312,8 @@ class PromptSet:
     def load(
         cls, path: str | Path, *, limits: PromptLimits = DEFAULT_LIMITS, max_bytes: int | None = None
     ) -> PromptSet:
-        path = Path(path)
         limit = max_bytes if max_bytes is not None else limits.max_bytes
-        size = path.stat().st_size
-        if size > limit:
-            raise PromptSetTooLarge(f"{path} is {size} bytes; the limit is {limit}")
-        return cls.from_bytes(path.read_bytes(), limits=limits, max_bytes=limit)
+        return cls.from_bytes(read_file(path, limit), limits=limits, max_bytes=limit)
 
     @classmethod
     def from_bytes(

@@ -24,19 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from e2vpt.config import Settings, get_settings
-from e2vpt.errors import (
-    CorruptPromptSet,
-    E2VPTError,
-    PromptSetTooLarge,
-    RegistryRequestError,
-    RegistryUnreachable,
-)
+from e2vpt.errors import CorruptPromptSet, E2VPTError, RegistryRequestError, RegistryUnreachable
 from e2vpt.registry.client import RegistryClient
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT_NOPERM = 0, 1, 2, 66, 69, 77
@@ -96,26 +89,11 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _read_prompt_file(path: Path) -> bytes:
-    """A file's bytes, if it is a regular file of at most `max_prompt_set_bytes`: a FIFO would block the
-    open, a device (/dev/zero) or a huge file would be read into memory whole, only to be refused (413)."""
-    if not stat.S_ISREG(path.stat().st_mode):  # FileNotFoundError: exit 66
-        raise OSError(f"{path} is not a regular file")
-    limit = get_settings().max_prompt_set_bytes
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise PromptSetTooLarge(
-            f"{path} is {path.stat().st_size} bytes; the limit is {limit} (E2VPT_MAX_PROMPT_SET_BYTES)"
-        )
-    return data
-
-
 def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
     """Upload one file under its own task id (read locally only to learn it; the server validates)."""
-    from e2vpt.core.promptfile import read_metadata  # the header only: no torch
+    from e2vpt.core.promptfile import read_file, read_metadata  # no torch
 
-    data = _read_prompt_file(path)
+    data = read_file(path, get_settings().max_prompt_set_bytes)
     task_id = read_metadata(data).get("task_id")
     if not isinstance(task_id, str) or not task_id:
         raise CorruptPromptSet(f"{path}: the prompt set's metadata names no task id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from dataclasses import replace
 from pathlib import Path
@@ -284,6 +285,11 @@ def test_oversized(backbone: Backbone, tmp_path: Path) -> None:
     path = ps.save(tmp_path / "big.safetensors")
     with pytest.raises(PromptSetTooLarge):
         PromptSet.load(path, max_bytes=len(data) - 1)
+    # not regular files: refused before the open (a FIFO blocks it) or a read (/dev/zero never ends)
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    for special in (tmp_path / "fifo.safetensors", Path("/dev/zero"), tmp_path):
+        with pytest.raises(OSError, match="not a regular file"):
+            PromptSet.load(special)
     # too many tokens for the configured limits, although the bytes are small
     tensors, meta = good_parts(backbone.info)
     tensors["visual"] = torch.zeros(backbone.info.depth, 300, backbone.info.embed_dim)

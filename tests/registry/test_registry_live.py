@@ -192,7 +192,7 @@ def test_cli_errors_and_exit_codes(
     with huge.open("wb") as f:
         f.truncate(65 * 2**20)  # sparse: over the 64 MiB default without writing it
     assert cli("register", str(huge), live=live) == EXIT_REFUSED
-    assert "the limit is 67108864 (E2VPT_MAX_PROMPT_SET_BYTES)" in capsys.readouterr().err
+    assert "huge.safetensors is 68157440 bytes; the limit is 67108864" in capsys.readouterr().err
     assert cli("import", str(tmp_path / "nope"), live=live) == EXIT_NOINPUT
     assert cli_main(["tasks", "list", "--url", f"http://127.0.0.1:{free_port()}"]) == EXIT_UNAVAILABLE
     assert "unreachable" in capsys.readouterr().err
