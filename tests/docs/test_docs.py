@@ -81,3 +81,21 @@ def test_gen_config_attributes_comments_to_the_right_field(tmp_path: Path) -> No
     assert rows["beta"]["description"] == ""
     assert rows["gamma"]["description"] == "above gamma"
     assert rows["gamma"]["env"] == "`E2VPT_GAMMA`" and rows["alpha"]["section"] == "first section"
+
+
+# a repository file named in prose: a top-level folder of this project, then a path ending in a file type
+REPO_PATH = re.compile(
+    r"(?<![\w./])((?:tests|benchmarks|e2vpt|scripts|training|deploy|docs)/[\w./-]+"
+    r"\.(?:py|sh|md|json|yml|yaml|properties|template|toml))\b"
+)
+
+
+def test_every_file_the_docs_name_exists() -> None:
+    """A moved or renamed file leaves no stale path behind in the README or docs/ (the layout move left
+    `tests/test_store.py` and five others)."""
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in sorted(set(REPO_PATH.findall(doc.read_text()))):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, missing
