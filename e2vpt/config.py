@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     )
     registry_token_file: str | None = None  # a file holding the token (Docker/K8s secret); wins over the env
     registry_auth_reads: bool = False  # reads need the token too
+    # After a Redis call fails, registry requests answer 503 at once for this long; then one request at a
+    # time tries Redis again. A hung Redis costs one store_socket_timeout per interval, not one per request
+    # (0: off, every request waits for its own timeout).
+    registry_store_backoff_ms: int = 1000
     registry_client_timeout: float = Field(  # clients' HTTP timeout, seconds
         default=30.0,
         validation_alias=AliasChoices("E2VPT_REGISTRY_CLIENT_TIMEOUT", "E2VPT_REGISTER_TIMEOUT_S"),

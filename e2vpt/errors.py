@@ -93,10 +93,15 @@ class Unauthorized(E2VPTError):
 
 
 class StoreUnavailable(E2VPTError):
-    """The prompt store (Redis) cannot be reached."""
+    """The prompt store (Redis) cannot be reached. `retry_after`: seconds until the store is tried again,
+    where known (an HTTP server's `Retry-After`)."""
 
     http_status = 503
     code = "store_unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RegistryRequestError(E2VPTError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -36,6 +37,7 @@ from e2vpt.errors import (
     InvalidTaskId,
     PromptSetTooLarge,
     RequestTooLarge,
+    StoreUnavailable,
     Unauthorized,
     http_status,
 )
@@ -112,8 +114,12 @@ def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
 
 def _error_response(exc: E2VPTError) -> JSONResponse:
     """The one place where errors become HTTP responses."""
-    headers = {"WWW-Authenticate": 'Bearer realm="e2vpt-registry"'} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(status_code=http_status(exc), content=exc.to_dict(), headers=headers)
+    headers = {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="e2vpt-registry"'
+    if isinstance(exc, StoreUnavailable) and exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))  # whole seconds (RFC 9110)
+    return JSONResponse(status_code=http_status(exc), content=exc.to_dict(), headers=headers or None)
 
 
 async def _read_capped(
@@ -242,7 +248,10 @@ def _store_and_settings(
     settings = source or settings or get_settings()
     from e2vpt.core.backbone import backbone_from_settings
 
-    return PromptStore.from_settings(backbone_from_settings(settings).info, settings), settings
+    info = backbone_from_settings(settings).info
+    return PromptStore.from_settings(
+        info, settings, fail_fast_ms=settings.registry_store_backoff_ms
+    ), settings
 
 
 def _auth_dependencies(write_token: str | None, auth_reads: bool) -> tuple[Any, Any]:

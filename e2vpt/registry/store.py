@@ -154,6 +154,58 @@ def _wrap_redis() -> Iterator[None]:
         raise
 
 
+class FailFast:
+    """After a Redis call fails (StoreUnavailable), calls fail at once for `backoff_s`; then one call at a
+    time tries Redis again (the others still fail at once) until one gets an answer. A Redis that hangs
+    rather than refuses then costs one socket timeout per `backoff_s`, not one per call, and callers (the
+    registry's request threads, its liveness probe) are never queued behind calls that are all waiting for
+    the timeout. `backoff_s` <= 0: off. Thread-safe.
+
+    The serving cache keeps its own policy (`PromptCache`): there no request ever tries Redis while it is
+    down, a background probe does, because a batch must not wait for a timeout."""
+
+    def __init__(self, backoff_s: float) -> None:
+        self.backoff_s = backoff_s
+        self._open_until: float | None = None  # None: closed (Redis answered last)
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open_until is not None
+
+    def check(self) -> None:
+        """Raise StoreUnavailable while open, except for the one call that may try Redis again."""
+        if self.backoff_s <= 0 or self._open_until is None:
+            return
+        with self._lock:
+            if self._open_until is None:
+                return
+            left = self._open_until - time.monotonic()
+            if self._probing or left > 0:
+                raise StoreUnavailable(
+                    "prompt store (Redis) unavailable (a recent call failed; "
+                    f"retried every {self.backoff_s * 1000:.0f} ms)",
+                    retry_after=max(left, 0.0),
+                )
+            self._probing = True
+
+    def done(self, answered: bool) -> None:
+        """The outcome of a call that `check` let through: Redis answered it (whatever the answer) or not."""
+        if self.backoff_s <= 0:
+            return
+        with self._lock:
+            if answered:
+                if self._open_until is not None:
+                    log.info("prompt store answers again")
+                self._open_until = None
+            else:
+                if self._open_until is None:
+                    log.warning("prompt store unavailable: failing fast for %.0f ms", self.backoff_s * 1000)
+                self._open_until = time.monotonic() + self.backoff_s
+            self._probing = False
+
+
 # Listing cursors: "0" (or "") is the start; "~<task id>" continues after that task id ('~' never occurs
 # in a task id). Any cursor of this form is a valid position, even for a task id that no longer exists.
 CURSOR_PATTERN = r"^(0?|~[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
@@ -264,11 +316,17 @@ class PromptStore:
 
     @classmethod
     def from_settings(
-        cls, info: BackboneInfo, settings: Settings | None = None, *, socket_timeout: float | None = None
+        cls,
+        info: BackboneInfo,
+        settings: Settings | None = None,
+        *,
+        socket_timeout: float | None = None,
+        fail_fast_ms: int = 0,
     ) -> PromptStore:
         """The store the settings name (Redis URL, namespace, kept versions, timeouts) for `info`.
 
-        `socket_timeout` overrides `store_socket_timeout` (serving uses its shorter `cache_store_timeout_ms`).
+        `socket_timeout` overrides `store_socket_timeout` (serving uses its shorter `cache_store_timeout_ms`);
+        `fail_fast_ms`: see `FailFast` (the registry passes `registry_store_backoff_ms`).
         """
         s = settings or get_settings()
         return cls(
@@ -278,6 +336,7 @@ class PromptStore:
             keep_versions=s.keep_versions,
             socket_timeout=socket_timeout if socket_timeout is not None else s.store_socket_timeout,
             limits=s.prompt_limits if settings is not None else None,
+            fail_fast_ms=fail_fast_ms,
         )
 
     def __init__(
@@ -289,9 +348,12 @@ class PromptStore:
         keep_versions: int | None = None,
         socket_timeout: float | None = None,
         limits: PromptLimits | None = None,
+        fail_fast_ms: int = 0,
     ) -> None:
+        """`fail_fast_ms` > 0: after a failed Redis call, calls fail at once for that long (`FailFast`)."""
         settings = get_settings()
         self.info = info
+        self.fail_fast = FailFast(fail_fast_ms / 1000.0)
         self._limits = limits
         self.namespace = namespace if namespace is not None else settings.store_namespace
         self.keep_versions = int(keep_versions if keep_versions is not None else settings.keep_versions)
@@ -317,6 +379,20 @@ class PromptStore:
         self._get_current = self.client.register_script(_GET_CURRENT_LUA)
         self._list = self.client.register_script(_LIST_LUA)
 
+    @contextmanager
+    def _redis(self) -> Iterator[None]:
+        """`_wrap_redis` behind this store's `FailFast`: every call of the store to Redis goes through here."""
+        self.fail_fast.check()
+        answered = True
+        try:
+            with _wrap_redis():
+                yield
+        except StoreUnavailable:
+            answered = False
+            raise
+        finally:
+            self.fail_fast.done(answered)
+
     def __repr__(self) -> str:
         return f"PromptStore({self.prefix!r}, keep_versions={self.keep_versions})"
 
@@ -330,7 +406,7 @@ class PromptStore:
 
     def all_keys(self) -> list[bytes]:
         """Every key of this namespace and backbone (tests and benchmarks use it for snapshots/cleanup)."""
-        with _wrap_redis():
+        with self._redis():
             pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + ":*"
             return sorted(self.client.scan_iter(match=pattern, count=1000))
 
@@ -342,7 +418,7 @@ class PromptStore:
     def drop_all(self) -> int:
         """Delete every key of this namespace and backbone (publishes nothing). Returns the number deleted."""
         keys = self.all_keys()
-        with _wrap_redis():
+        with self._redis():
             return sum(self.client.delete(*keys[i : i + 500]) for i in range(0, len(keys), 500))
 
     # ------------------------------------------------------------------ writes
@@ -378,7 +454,7 @@ class PromptStore:
             registered_at=_now(),
             action="register",
         )
-        with _wrap_redis():
+        with self._redis():
             keys = self._change_keys(ps.task_id)
             args = [ps.task_id, data, _dumps(summary), self.keep_versions, self.events_channel, "register", 0]
             return int(self._change(keys=keys, args=args))
@@ -390,7 +466,7 @@ class PromptStore:
         """
         _, info_k, _ = self._task_keys(task_id)
         version = int(version)
-        with _wrap_redis():
+        with self._redis():
             current, raw = self.client.hget(self._k_current, task_id), self.client.hget(info_k, version)
         if current is None:
             raise TaskNotFound(f"task {task_id!r} is not registered")
@@ -398,7 +474,7 @@ class PromptStore:
             raise VersionNotFound(f"task {task_id!r} has no version {version} (kept: {self._kept(task_id)})")
         info = json.loads(raw)
         info.update(registered_at=_now(), action="rollback", rolled_back_from=version)
-        with _wrap_redis():
+        with self._redis():
             keys = self._change_keys(task_id)
             args = [task_id, b"", _dumps(info), self.keep_versions, self.events_channel, "rollback", version]
             return int(self._change(keys=keys, args=args))
@@ -406,7 +482,7 @@ class PromptStore:
     def delete(self, task_id: str) -> None:
         """Remove a task and all its versions. Raises TaskNotFound. Version numbers are never reused."""
         blob_k, info_k, versions_k = self._task_keys(task_id)
-        with _wrap_redis():
+        with self._redis():
             keys = [self._k_current, self._k_summary, self._k_index, blob_k, info_k, versions_k]
             result = self._delete(keys=keys, args=[task_id, self.events_channel])
         if result is None:
@@ -416,7 +492,7 @@ class PromptStore:
     def get_bytes(self, task_id: str, version: int | None = None) -> tuple[bytes, int]:
         """The stored file of the current (or a given) version, and its version number."""
         blob_k, _, _ = self._task_keys(task_id)
-        with _wrap_redis():
+        with self._redis():
             if version is None:
                 result = self._get_current(keys=[self._k_current, blob_k], args=[task_id])
                 if result is None:
@@ -438,7 +514,7 @@ class PromptStore:
     def current_version(self, task_id: str) -> int | None:
         """The current version of a task, or None: one HGET, no blob (the replicas' cheap check)."""
         check_task_id(task_id)
-        with _wrap_redis():
+        with self._redis():
             v = self.client.hget(self._k_current, task_id)
         return None if v is None else int(v)
 
@@ -447,14 +523,14 @@ class PromptStore:
         ids = [check_task_id(t) for t in task_ids]
         if not ids:
             return {}
-        with _wrap_redis():
+        with self._redis():
             values = self.client.hmget(self._k_current, ids)
         return {t: (None if v is None else int(v)) for t, v in zip(ids, values, strict=True)}
 
     def summary(self, task_id: str, version: int | None = None) -> dict[str, Any]:
         """Summary (metadata, sizes, sha256, version) of the current or a given version, without the blob."""
         _, info_k, _ = self._task_keys(task_id)
-        with _wrap_redis():
+        with self._redis():
             if version is None:
                 raw = self.client.hget(self._k_summary, task_id)
                 if raw is None:
@@ -478,7 +554,7 @@ class PromptStore:
             raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
         after = _decode_cursor(cursor)
         start = "-" if after is None else f"({after}"
-        with _wrap_redis():
+        with self._redis():
             flat = self._list(keys=[self._k_index, self._k_summary], args=[start, int(limit) + 1])
         items = []
         for tid, raw in zip(flat[::2], flat[1::2], strict=True):
@@ -489,13 +565,13 @@ class PromptStore:
         return items, (_encode_cursor(items[-1]["task_id"]) if more and items else None)
 
     def count(self) -> int:
-        with _wrap_redis():
+        with self._redis():
             return int(self.client.zcard(self._k_index))
 
     def versions(self, task_id: str) -> list[dict[str, Any]]:
         """Kept versions of a task, oldest first, each a summary with `version` and `current`."""
         _, info_k, _ = self._task_keys(task_id)
-        with _wrap_redis():
+        with self._redis():
             pipe = self.client.pipeline(transaction=True)
             pipe.hget(self._k_current, task_id)
             pipe.hgetall(info_k)
@@ -508,7 +584,7 @@ class PromptStore:
 
     def _kept(self, task_id: str) -> list[int]:
         _, _, versions_k = self._task_keys(task_id)
-        with _wrap_redis():
+        with self._redis():
             return [int(v) for v in self.client.zrange(versions_k, 0, -1)]
 
     # ------------------------------------------------------------------ events and health
@@ -523,7 +599,7 @@ class PromptStore:
 
     def ping(self) -> None:
         """Raises StoreUnavailable unless Redis answers."""
-        with _wrap_redis():
+        with self._redis():
             self.client.ping()
 
     def close(self) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +23,10 @@ import pytest
 from e2vpt.cli import main as cli_main
 from e2vpt.core.backbone import save_checkpoint
 from e2vpt.core.promptset import PromptSet
+from e2vpt.errors import StoreUnavailable
 from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_NOPERM, EXIT_REFUSED, EXIT_UNAVAILABLE
 from e2vpt.registry.store import PromptStore
-from tests.helpers import TINY, free_port, tiny_backbone
+from tests.helpers import TINY, RedisServer, free_port, tiny_backbone, wait_for
 from tests.registry_helpers import marked_set, marker_of
 
 pytestmark = pytest.mark.integration  # real Redis
@@ -39,10 +43,9 @@ class LiveRegistry:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegistry]:
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    tmp = tmp_path_factory.mktemp("registry")
+@contextmanager
+def registry_process(redis_url: str, tmp: Path, **env_extra: str) -> Iterator[LiveRegistry]:
+    """`e2vpt registry serve` in a child process on the tiny backbone, a fresh namespace of `redis_url`."""
     bb = tiny_backbone()
     ckpt = save_checkpoint(bb.model, bb.info.name, TINY, tmp / "tiny.safetensors")
     (tmp / "token").write_text(TOKEN + "\n")
@@ -56,6 +59,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegistry]:
         "E2VPT_STORE_NAMESPACE": namespace,
         "E2VPT_REGISTRY_TOKEN_FILE": str(tmp / "token"),
         "E2VPT_MAX_PROMPT_SET_BYTES": str(MAX_BYTES),
+        **env_extra,
     }
     cmd = [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)]
     log = (tmp / "server.log").open("wb")
@@ -73,11 +77,21 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegistry]:
         proc.terminate()
         pytest.fail("registry did not come up: " + (tmp / "server.log").read_text())
     store = PromptStore(redis_url, bb.info, namespace=namespace)
-    yield LiveRegistry(url, port, store, env)
-    proc.terminate()
-    proc.wait(10)
-    log.close()
-    store.drop_all()
+    try:
+        yield LiveRegistry(url, port, store, env)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+        with suppress(StoreUnavailable):
+            store.drop_all()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegistry]:
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    with registry_process(redis_url, tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
 
 
 def raw_request(port: int, head: str, body_chunks: list[bytes]) -> bytes:
@@ -199,3 +213,33 @@ def test_cli_errors_and_exit_codes(
     with pytest.raises(SystemExit) as exc:
         cli_main(["tasks", "bogus"])
     assert exc.value.code == 2
+
+
+def test_a_hung_redis_never_queues_requests_or_the_liveness_probe(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """SIGSTOP the registry's redis-server (connections hang; each Redis call would wait the 8 s socket
+    timeout). The first request waits for it and gets 503; from then on, for the backoff, requests answer
+    503 at once, so 60 concurrent reads (more than uvicorn's 40 worker threads) and the liveness probe
+    under them all answer well inside 4 s, where each would otherwise hold a thread for 8 s. SIGCONT: the
+    first request after the backoff finds Redis again."""
+    with registry_process(
+        redis_server.url, tmp_path, E2VPT_STORE_SOCKET_TIMEOUT="8", E2VPT_REGISTRY_STORE_BACKOFF_MS="5000"
+    ) as live:
+        live.store.register(marked_set(live.store.info, "hung", 1.0))
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            first = httpx.get(f"{live.url}/tasks/hung", timeout=30)  # waits for the socket timeout
+            assert first.status_code == 503 and first.json()["error"] == "store_unavailable"
+            with ThreadPoolExecutor(60) as pool:
+                reads = [pool.submit(httpx.get, f"{live.url}/tasks/hung", timeout=4) for _ in range(60)]
+                probe = httpx.get(f"{live.url}/healthz", timeout=4)
+                answers = [f.result() for f in reads]
+            assert probe.status_code == 503 and "retried every 5000 ms" in probe.json()["detail"]
+            assert 1 <= int(probe.headers["Retry-After"]) <= 5
+            assert {r.status_code for r in answers} == {503}
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert wait_for(lambda: httpx.get(f"{live.url}/healthz", timeout=30).status_code == 200, timeout=30)
+        assert httpx.get(f"{live.url}/tasks/hung", timeout=30).json()["version"] == 1

@@ -4,6 +4,8 @@ persistence across restarts and outages."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -333,6 +335,64 @@ def test_outage_raises_store_unavailable_and_recovers(redis_server: RedisServer,
         assert wait_for(lambda: StoreEvent("t", 2, "register") in events)
     finally:
         sub.stop()
+
+
+def test_fail_fast_a_hung_redis_costs_one_timeout_per_backoff(
+    redis_server: RedisServer, backbone: Backbone
+) -> None:
+    """`fail_fast_ms` (the registry's store): SIGSTOP the redis-server, so calls hang until their socket
+    timeout. The first call waits for it; every call after it fails at once without sending Redis anything
+    (recorded on the real client) until the backoff has passed; then one call at a time tries Redis again
+    while the concurrent ones still fail at once; after SIGCONT, the first try succeeds and the store works."""
+    s = PromptStore(redis_server.url, backbone.info, namespace="ff", socket_timeout=0.5, fail_fast_ms=400)
+    s.register(marked_set(backbone.info, "t", 1.0))
+    sent: list[object] = []
+    execute = s.client.execute_command
+
+    def recording(*args: object, **kwargs: object) -> object:
+        sent.append(args[0])
+        return execute(*args, **kwargs)
+
+    s.client.execute_command = recording  # type: ignore[method-assign]
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            s.current_version("t")  # waits for the socket timeout
+        assert len(sent) == 1 and s.fail_fast.is_open
+        calls: list[Callable[[], object]] = [
+            s.ping,
+            lambda: s.get("t"),
+            lambda: s.list_tasks(),
+            lambda: s.register(marked_set(backbone.info, "t", 2.0)),
+            lambda: s.delete("t"),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable, match="a recent call failed") as caught:
+                call()
+            assert caught.value.retry_after is not None and 0 <= caught.value.retry_after <= 0.4
+        assert len(sent) == 1  # none of them reached Redis
+        time.sleep(0.45)
+        errors: list[BaseException] = []
+
+        def ping() -> None:
+            try:
+                s.ping()
+            except StoreUnavailable as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ping) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 4 and len(sent) == 2  # one try reached Redis (and timed out), three did not
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    time.sleep(0.45)
+    s.ping()  # the try after the backoff: Redis answers
+    assert not s.fail_fast.is_open
+    assert marker_of(s.get("t")[0]) == 1.0 and s.current_version("t") == 1
 
 
 def test_raw_redis_errors_never_leak(backbone: Backbone) -> None:
