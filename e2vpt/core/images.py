@@ -468,10 +468,10 @@ def read_header(
 @dataclass(frozen=True)
 class Scanned:
     """An image whose header was read and checked (`scan_image`): what decoding it needs, and how many
-        pixels decoding it will hold (width x height, after any reduced-size decoding). It keeps no Pillow
-        image: one that decoding loads would hold its pixels as long as the scan is kept (a batch's scans live
-        through the whole batch), so `decode_scanned` opens the bytes again (10-45 us for 640x480, 0.2-2% of its
-    decode: `benchmarks/bench_images.py`, "reopen" rows)."""
+    pixels decoding it will hold (width x height, after any reduced-size decoding). It keeps no Pillow
+    image: one that decoding loads would hold its pixels as long as the scan is kept (a batch's scans live
+    through the whole batch), so `decode_scanned` opens the bytes again (10-45 us for 640x480, 0.2-2% of
+    its decode: `benchmarks/bench_images.py`, "reopen" rows)."""
 
     data: bytes | bytearray | memoryview
     jpeg: JpegHeader | None  # torchvision's JPEG decoders take it

@@ -249,9 +249,8 @@ def _store_and_settings(
     from e2vpt.core.backbone import backbone_from_settings
 
     info = backbone_from_settings(settings).info
-    return PromptStore.from_settings(
-        info, settings, fail_fast_ms=settings.registry_store_backoff_ms
-    ), settings
+    store = PromptStore.from_settings(info, settings, fail_fast_ms=settings.registry_store_backoff_ms)
+    return store, settings
 
 
 def _auth_dependencies(write_token: str | None, auth_reads: bool) -> tuple[Any, Any]:
