@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from e2vpt.config import get_settings
 from e2vpt.errors import E2VPTError
 from e2vpt.serving.engine import Prediction, RequestItem, Result
+from e2vpt.serving.metrics import ServingMetrics
 from e2vpt.torchserve.adapter import handle_batch
 
 
@@ -22,6 +24,8 @@ class NullHandler:
 
     def __init__(self) -> None:
         self.initialized = False
+        self.settings = get_settings()  # the response size limit, as a worker reads it
+        self.metrics = ServingMetrics()
 
     def initialize(self, context: Any) -> None:
         self.initialized = True
@@ -34,5 +38,5 @@ class NullHandler:
             for item in items
         ]
 
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         return handle_batch(self, data, context)  # type: ignore[arg-type]

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs".
     torch_compile_mode: str = "default"
     top_k: int = 5
+    # The most labels one request may ask for (top_k; more: 400). It bounds an answer's size: TorchServe
+    # kills the worker, and fails its whole batch, when one answer is over its max_response_size.
+    max_top_k: int = 1000
     # Images: encoded size limit and decoded pixel limit (larger -> 413); decompression bombs -> 413.
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000

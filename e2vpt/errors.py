@@ -172,6 +172,14 @@ class BackendUnavailable(E2VPTError):
     code = "backend_unavailable"
 
 
+def excerpt(value: object, limit: int = 80) -> str:
+    """The repr of a client-supplied value for an error message, cut to about `limit` characters: a message
+    never echoes unbounded input (a task id of 6 million emoji, a 24 MB request, would otherwise come back
+    as a 72 MB answer)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def http_status(exc: BaseException) -> int:
     """HTTP status for any exception: typed errors carry theirs, everything else is a 500."""
     return exc.http_status if isinstance(exc, E2VPTError) else 500

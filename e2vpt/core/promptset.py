@@ -46,6 +46,7 @@ from e2vpt.errors import (
     InvalidTaskId,
     PromptSetTooLarge,
     UnsupportedFormatVersion,
+    excerpt,
 )
 
 FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ def check_task_id(task_id: object) -> str:
     """Task ids: 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
         raise InvalidTaskId(
-            f"invalid task id {task_id!r}: use 1-128 characters [A-Za-z0-9._-], "
+            f"invalid task id {excerpt(task_id)}: use 1-128 characters [A-Za-z0-9._-], "
             "starting with a letter or digit"
         )
     return task_id

@@ -37,7 +37,7 @@ from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone, backbone_from_settings
 from e2vpt.core.images import ImageLimits
 from e2vpt.core.promptset import check_task_id
-from e2vpt.errors import BadRequest, E2VPTError, http_status
+from e2vpt.errors import BadRequest, E2VPTError, excerpt, http_status
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.backends import FeatureBackend, make_backend
 from e2vpt.serving.cache import CachedPrompts, PromptCache
@@ -203,7 +203,11 @@ class MultiTaskEngine:
                 task_id = check_task_id(item.task_id)
                 k = item.top_k if item.top_k is not None else default_k
                 if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                    raise BadRequest(f"top_k must be a positive integer, got {k!r}")
+                    raise BadRequest(f"top_k must be a positive integer, got {excerpt(k)}")
+                if k > self.settings.max_top_k:
+                    raise BadRequest(
+                        f"top_k is {k}; the limit is {self.settings.max_top_k} (E2VPT_MAX_TOP_K)"
+                    )
                 valid.append((i, task_id, k))
             except E2VPTError as exc:
                 out[i] = exc

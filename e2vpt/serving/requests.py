@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from e2vpt.core import safejson
-from e2vpt.errors import BadRequest, E2VPTError, InvalidImage
+from e2vpt.errors import BadRequest, E2VPTError, InvalidImage, excerpt
 from e2vpt.serving.engine import RequestItem
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _top_k(value: Any) -> int | None:
     try:
         k = int(_text(value)) if not isinstance(value, int) else value
     except ValueError as exc:
-        raise BadRequest(f"top_k must be a positive integer, got {value!r}") from exc
+        raise BadRequest(f"top_k must be a positive integer, got {excerpt(value)}") from exc
     if k < 1:
         raise BadRequest(f"top_k must be a positive integer, got {k}")
     return k
@@ -130,7 +130,9 @@ def parse_request(request: Mapping[str, Any] | None, headers: Mapping[Any, Any] 
             top_k = _top_k(fields["top_k"])
 
     if header_task and body_task and header_task != body_task:
-        raise BadRequest(f"task id in the X-Task-Id header ({header_task!r}) and body ({body_task!r}) differ")
+        raise BadRequest(
+            f"task id in the X-Task-Id header ({excerpt(header_task)}) and body ({excerpt(body_task)}) differ"
+        )
     task_id = header_task or body_task
     if not task_id:
         raise BadRequest(

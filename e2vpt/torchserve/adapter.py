@@ -47,6 +47,8 @@ class TSContext(Protocol):
 
     def set_response_header(self, idx: int, key: str, value: str) -> None: ...
 
+    def set_response_content_type(self, idx: int, value: str) -> None: ...
+
 
 def parse_batch(data: list[Mapping[str, Any]] | None, context: TSContext) -> list[RequestItem | E2VPTError]:
     def headers(idx: int) -> Mapping[Any, Any]:
@@ -67,9 +69,12 @@ def parse_batch(data: list[Mapping[str, Any]] | None, context: TSContext) -> lis
 
 def handle_batch(
     engine: MultiTaskEngine, data: list[Mapping[str, Any]] | None, context: TSContext
-) -> list[Any]:
-    """What the TorchServe handler's `handle` returns: one JSON object per request, each failed item with
-    its own HTTP status (`context.set_response_status(code, phrase, idx)`); the others stay 200."""
+) -> list[bytes]:
+    """What the TorchServe handler's `handle` returns: one JSON document per request (encoded here, so that
+    its size is known), each failed item with its own HTTP status (`context.set_response_status(code,
+    phrase, idx)`); the others stay 200. An answer over TorchServe's `max_response_size` would make its
+    front end drop the worker with every request of the batch ("Worker died"): such an answer is replaced
+    by that item's own 500."""
     items = parse_batch(data, context)
     try:
         results = engine.predict(items)
@@ -77,17 +82,25 @@ def handle_batch(
         log.exception("engine failed on a batch of %d requests", len(items))
         failure = E2VPTError(f"inference failed: {type(exc).__name__}")
         results = [item if isinstance(item, E2VPTError) else failure for item in items]
-    out: list[Any] = []
+    out: list[bytes] = []
     worker = str(os.getpid())
+    limit = engine.settings.ts_max_request_size  # TorchServe's max_response_size too (archive.TorchServe)
     for idx, res in enumerate(results):
+        body = json.dumps(res.to_dict()).encode()
+        if len(body) > limit:
+            log.warning("answer %d of a batch is %d bytes, over max_response_size %d", idx, len(body), limit)
+            engine.metrics.observe_failure(res.task_id if isinstance(res, Result) else None, "response")
+            res = E2VPTError(
+                f"the answer is {len(body)} bytes, over the server's limit of {limit} "
+                "(E2VPT_TS_MAX_REQUEST_SIZE): ask for fewer labels (top_k)"
+            )
+            body = json.dumps(res.to_dict()).encode()
         with contextlib.suppress(Exception):  # contexts without response headers
             context.set_response_header(idx, WORKER_HEADER, worker)
-        if isinstance(res, Result):
-            out.append(res.to_dict())
-        else:
-            status = res.http_status
-            context.set_response_status(status, res.code, idx)
-            out.append(res.to_dict())
+            context.set_response_content_type(idx, "application/json")
+        if not isinstance(res, Result):
+            context.set_response_status(res.http_status, res.code, idx)
+        out.append(body)
     return out
 
 

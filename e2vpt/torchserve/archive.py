@@ -351,6 +351,8 @@ class TorchServe:
             "METRICS_LOCATION": str(self.workdir / "logs"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             **absolute_path_env(self.env),
+            # the workers check their answers against the max_response_size written into config.properties
+            "E2VPT_TS_MAX_REQUEST_SIZE": str(self.settings.ts_max_request_size),
         }
         cmd = [
             _bin("torchserve"), "--start", "--foreground", "--ncs",

@@ -3,6 +3,8 @@ autoscaled replicas, resources, router), the builder's settings and the router's
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,18 @@ def test_the_builder_takes_settings_names_only() -> None:
         app_builder({"ray_replicas": 3})
 
 
+@pytest.fixture
+def event_loop_set() -> Iterator[None]:
+    """Ray's PendingRequest asks for the thread's event loop: after any `asyncio.run` (the TorchServe tests
+    use it) the main thread has none, so this test failed when run after them."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@pytest.mark.usefixtures("event_loop_set")
 def test_the_router_reads_the_task_id_of_a_predict_call() -> None:
     assert issubclass(TaskAffinityRouter, RequestRouter)
     item = RequestItem("t1", b"img")

@@ -145,7 +145,7 @@ def test_null_handler_parses_like_the_product_and_answers_without_work() -> None
     ]
     ctx = Context("e2vpt-null", "/tmp", {}, len(requests), None, "0.12.0")
     ctx.request_processor = [RequestProcessor(h) for _, h in requests]
-    out = handler.handle([r for r, _ in requests], ctx)
+    out = [json.loads(body) for body in handler.handle([r for r, _ in requests], ctx)]
     assert [ctx.get_response_status(i)[0] for i in range(len(requests))] == [200, 400]
     assert out[0] == {"task_id": "pets", "version": 1, "predictions": [{"label": "null", "score": 1.0}]}
     assert out[1]["error"] == "bad_request"

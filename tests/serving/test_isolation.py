@@ -148,7 +148,7 @@ def test_poison_requests_fail_alone_through_the_adapter(backbone: Backbone, stor
     ctx = Context("e2vpt", "/tmp", {}, len(requests), None, "0.12.0")
     ctx.request_processor = [RequestProcessor(h) for _, h, _ in requests]
     try:
-        out = handle_batch(engine, [r for r, _, _ in requests], ctx)
+        out = [json.loads(body) for body in handle_batch(engine, [r for r, _, _ in requests], ctx)]
     finally:
         engine.close()
     statuses = [ctx.get_response_status(i)[0] for i in range(len(requests))]

@@ -130,6 +130,27 @@ def test_parse_errors(request_: dict, headers: dict, error: type[Exception]) -> 
         parse_request(request_, headers)
 
 
+def test_top_k_is_bounded_and_errors_never_echo_unbounded_input(
+    backbone: Backbone, store: PromptStore, engine: MultiTaskEngine
+) -> None:
+    """top_k up to `max_top_k` (1000) answers, above is 400; a 6-million-character task id or top_k (a
+    24 MB request) comes back as an excerpt (under 2 KB of JSON), not as a 72 MB answer."""
+    store.register(make_set("a", backbone, 3, 1))
+    img = image_bytes(5)
+    huge = "\U0001f600" * 6_000_000
+    out = engine.predict([RequestItem("a", img, 1000), RequestItem("a", img, 1001), RequestItem(huge, img)])
+    assert isinstance(out[0], Result) and len(out[0].predictions) == 3
+    assert isinstance(out[1], BadRequest) and "the limit is 1000 (E2VPT_MAX_TOP_K)" in out[1].message
+    assert isinstance(out[2], InvalidTaskId) and len(json.dumps(out[2].to_dict())) < 2000
+    for request, headers in (
+        ({"body": {"task_id": "a", "image": "aGk=", "top_k": huge}}, {}),
+        ({"body": {"task_id": huge, "image": "aGk="}}, {"X-Task-Id": "a"}),
+    ):
+        with pytest.raises(BadRequest) as caught:
+            parse_request(request, headers)
+        assert len(json.dumps(caught.value.to_dict())) < 2000, caught.value.message[:100]
+
+
 # ---------------------------------------------------------------------- engine
 def test_mixed_batch_equals_offline_model(
     backbone: Backbone, store: PromptStore, engine: MultiTaskEngine
@@ -210,7 +231,7 @@ def test_handle_batch_sets_per_item_status(
     ctx = Context("e2vpt", "/tmp", {}, len(requests), None, "0.12.0")
     ctx.request_processor = [RequestProcessor(h) for _, h in requests]
     engine.settings = Settings(max_image_pixels=250_000)
-    out = handle_batch(engine, [r for r, _ in requests], ctx)
+    out = [json.loads(body) for body in handle_batch(engine, [r for r, _ in requests], ctx)]
     assert [ctx.get_response_status(i)[0] for i in range(len(requests))] == [200, 404, 400, 400, 413]
     assert out[0]["task_id"] == "a" and out[1]["error"] == "task_not_found"
 

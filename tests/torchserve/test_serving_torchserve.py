@@ -14,11 +14,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
+from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, png_header_bomb
@@ -38,6 +40,7 @@ pytestmark = [
 
 WORKERS = 2
 MAX_PIXELS = 250_000
+MAX_RESPONSE = 2_000_000  # TorchServe's max_request_size and max_response_size, bytes
 
 
 @dataclass
@@ -73,8 +76,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "E2VPT_STORE_SOCKET_TIMEOUT": "1",
         # updates must arrive by pub/sub alone: the version check fallback is effectively off here
         "E2VPT_CACHE_VERSION_CHECK_MS": "600000",
+        "E2VPT_MAX_TOP_K": "10000",  # an answer can outgrow MAX_RESPONSE (test_an_answer_over_...)
     }
-    ts = TorchServe(mar, root / "ts", workers=WORKERS, batch_size=8, max_batch_delay_ms=40, env=env).start()
+    settings = Settings(ts_max_request_size=MAX_RESPONSE)
+    ts = TorchServe(
+        mar, root / "ts", settings=settings, workers=WORKERS, batch_size=8, max_batch_delay_ms=40, env=env
+    ).start()
     try:
         yield Served(ts, store, redis, backbone)
     finally:
@@ -185,6 +192,50 @@ def test_poison_items_fail_alone_in_shared_batches(served: Served) -> None:
             i += 1
             assert r.status_code == next(expected_poison), r.text
             assert "error" in r.json()
+
+
+def test_an_answer_over_the_response_limit_fails_alone(served: Served) -> None:
+    """An answer over TorchServe's max_response_size (here 2 MB: 8,000 labels of 250 characters, all asked
+    for) made TorchServe's front end drop the worker with every request of its batch ("Worker died", and
+    again after each restart). It is now that item's own 500; the requests batched with it are answered,
+    and the worker stays up."""
+    labels = [f"{i:05d}-" + "x" * 244 for i in range(8000)]
+    served.store.register(PromptSet.create("wide", served.backbone.info, labels))
+    img = image_bytes(70)
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=served.ts.auth(), timeout=60) as client:
+
+            def post(task: str, top_k: int = 3) -> Any:
+                headers = {"X-Task-Id": task, "X-Top-K": str(top_k)}
+                return client.post(served.ts.predictions_url, content=img, headers=headers)
+
+            calls = [
+                post("t1"),
+                post("t2"),
+                post("t3"),
+                post("wide", 8000),
+                post("t1"),
+                post("t2"),
+                post("t3"),
+            ]
+            return await asyncio.gather(*calls)
+
+    rs = asyncio.run(run())
+    wide = rs[3]
+    assert wide.status_code == 500 and "over the server's limit of 2000000" in wide.json()["detail"], (
+        wide.text
+    )
+    assert wide.headers["content-type"] == "application/json"
+    assert [r.status_code for i, r in enumerate(rs) if i != 3] == [200] * 6, [r.text[:100] for r in rs]
+    again = asyncio.run(run())  # no worker restarted: answered as before
+    assert [r.status_code for r in again] == [200, 200, 200, 500, 200, 200, 200]
+    r = httpx.post(
+        served.ts.predictions_url,
+        content=img,
+        headers={**served.ts.auth(), "X-Task-Id": "wide", "X-Top-K": "5"},
+    )
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 5
 
 
 def test_task_registered_while_serving_is_served_at_once(served: Served) -> None:
