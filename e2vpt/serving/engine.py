@@ -206,7 +206,7 @@ class MultiTaskEngine:
                     raise BadRequest(f"top_k must be a positive integer, got {excerpt(k)}")
                 if k > self.settings.max_top_k:
                     raise BadRequest(
-                        f"top_k is {k}; the limit is {self.settings.max_top_k} (E2VPT_MAX_TOP_K)"
+                        f"top_k is {excerpt(k)}; the limit is {self.settings.max_top_k} (E2VPT_MAX_TOP_K)"
                     )
                 valid.append((i, task_id, k))
             except E2VPTError as exc:
