@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.dev.localredis import LocalRedis, free_port  # noqa: E402
+from e2vpt.dev.registry import registry_server  # noqa: E402
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
 
@@ -52,23 +52,11 @@ def registry(workdir: Path, backoff_ms: int) -> Iterator[tuple[str, LocalRedis]]
     redis = LocalRedis(port=free_port(), workdir=workdir / "redis", appendonly=False).start()
     bb = load_backbone("vit_tiny_patch16_224", **TINY)
     ckpt = save_checkpoint(bb.model, "vit_tiny_patch16_224", TINY, workdir / "tiny.safetensors")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "E2VPT_REDIS_URL": redis.url,
-           "E2VPT_BACKBONE_CHECKPOINT": str(ckpt), "E2VPT_REGISTRY_TOKEN": "bench",
-           "E2VPT_REGISTRY_STORE_BACKOFF_MS": str(backoff_ms)}  # fmt: skip
-    cmd = [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    env = {"E2VPT_REGISTRY_TOKEN": "bench", "E2VPT_REGISTRY_STORE_BACKOFF_MS": str(backoff_ms)}
     try:
-        deadline = time.monotonic() + 90
-        while timed(f"{url}/healthz")[0] != 200:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the registry did not come up")
-            time.sleep(0.2)
-        yield url, redis
+        with registry_server(ckpt, redis.url, workdir / "registry.log", **env) as url:
+            yield url, redis
     finally:
-        proc.terminate()
-        proc.wait(10)
         redis.stop()
 
 

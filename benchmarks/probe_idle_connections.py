@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.dev.localredis import LocalRedis, free_port  # noqa: E402
+from e2vpt.dev.registry import registry_server  # noqa: E402
 from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
@@ -59,6 +56,22 @@ def stalled(port: int, path: str, auth: str) -> dict[str, socket.socket]:
     }
 
 
+def watch(conns: dict[str, dict[str, socket.socket]], seconds: float) -> list[dict[str, object]]:
+    """The state of every connection at 1, 10, 30, 60, 120 and 300 s (up to `seconds`), printed as it goes."""
+    t0, rows = time.monotonic(), []
+    for at in [t for t in (1, 10, 30, 60, 120, 300) if t <= seconds] or [seconds]:
+        time.sleep(max(0.0, at - (time.monotonic() - t0)))
+        row = {
+            "seconds": at,
+            **{f"{srv}: {kind}": state(s) for srv, c in conns.items() for kind, s in c.items()},
+        }
+        rows.append(row)
+        print(
+            f"after {at:>4} s: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "seconds"), flush=True
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -71,48 +84,22 @@ def main() -> None:
         ckpt = save_checkpoint(bb.model, "vit_tiny_patch16_224", TINY, root / "tiny.safetensors")
         ts = TorchServe(build_mar(root / "mar", checkpoint=ckpt), root / "ts", workers=1,
                         env={"E2VPT_REDIS_URL": redis.url}).start()  # fmt: skip
-        port = free_port()
-        env = {**os.environ, "E2VPT_REDIS_URL": redis.url, "E2VPT_BACKBONE_CHECKPOINT": str(ckpt),
-               "E2VPT_REGISTRY_TOKEN": TOKEN}  # fmt: skip
-        registry = subprocess.Popen(
-            [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        conns: dict[str, dict[str, socket.socket]] = {}
+        env = {"E2VPT_REGISTRY_TOKEN": TOKEN}
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the registry did not come up")
-                time.sleep(0.2)
-            ts_port = int(ts.predictions_url.rsplit(":", 1)[1].split("/")[0])
-            conns = {
-                "torchserve (inference port)": stalled(ts_port, "/predictions/e2vpt", "".join(f"{k}: {v}\r\n" for k, v in ts.auth().items())),
-                "registry (uvicorn)": stalled(port, "/tasks/probe", f"Authorization: Bearer {TOKEN}\r\n"),
-            }  # fmt: skip
-            t0, rows = time.monotonic(), []
-            for at in [t for t in (1, 10, 30, 60, 120, 300) if t <= args.seconds] or [args.seconds]:
-                time.sleep(max(0.0, at - (time.monotonic() - t0)))
-                row = {
-                    "seconds": at,
-                    **{f"{srv}: {kind}": state(s) for srv, c in conns.items() for kind, s in c.items()},
+            with registry_server(ckpt, redis.url, root / "registry.log", **env) as url:
+                ts_port = int(ts.predictions_url.rsplit(":", 1)[1].split("/")[0])
+                port = int(url.rsplit(":", 1)[1])
+                ts_auth = "".join(f"{k}: {v}\r\n" for k, v in ts.auth().items())
+                conns = {
+                    "torchserve (inference port)": stalled(ts_port, "/predictions/e2vpt", ts_auth),
+                    "registry (uvicorn)": stalled(port, "/tasks/probe", f"Authorization: Bearer {TOKEN}\r\n"),
                 }
-                rows.append(row)
-                print(
-                    f"after {at:>4} s: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "seconds"),
-                    flush=True,
-                )
+                try:
+                    rows = watch(conns, args.seconds)
+                finally:
+                    for s in (s for c in conns.values() for s in c.values()):
+                        s.close()  # uvicorn waits for open connections before it exits
         finally:
-            for s in (s for c in conns.values() for s in c.values()):
-                s.close()  # uvicorn waits for open connections before it exits
-            registry.terminate()
-            registry.wait(10)
             ts.stop()
             redis.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,2 +1,2 @@
-"""Development tools, not used by a deployed server's request path: a local Redis (`localredis`) and
-deterministic test images (`images`)."""
+"""Development tools, not used by a deployed server's request path: a local Redis (`localredis`),
+deterministic test images (`images`) and the registry API in a child process (`registry`)."""

@@ -7,9 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +20,7 @@ import pytest
 from e2vpt.cli import main as cli_main
 from e2vpt.core.backbone import save_checkpoint
 from e2vpt.core.promptset import PromptSet
+from e2vpt.dev.registry import registry_server
 from e2vpt.errors import StoreUnavailable
 from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_NOPERM, EXIT_REFUSED, EXIT_UNAVAILABLE
 from e2vpt.registry.store import PromptStore
@@ -40,7 +38,6 @@ class LiveRegistry:
     url: str
     port: int
     store: PromptStore
-    env: dict[str, str]
 
 
 @contextmanager
@@ -50,39 +47,17 @@ def registry_process(redis_url: str, tmp: Path, **env_extra: str) -> Iterator[Li
     ckpt = save_checkpoint(bb.model, bb.info.name, TINY, tmp / "tiny.safetensors")
     (tmp / "token").write_text(TOKEN + "\n")
     namespace = f"test-live-{uuid.uuid4().hex[:8]}"
-    port = free_port()
     env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "E2VPT_REDIS_URL": redis_url,
-        "E2VPT_BACKBONE_CHECKPOINT": str(ckpt),
         "E2VPT_STORE_NAMESPACE": namespace,
         "E2VPT_REGISTRY_TOKEN_FILE": str(tmp / "token"),
         "E2VPT_MAX_PROMPT_SET_BYTES": str(MAX_BYTES),
         **env_extra,
     }
-    cmd = [sys.executable, "-m", "e2vpt.cli", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp / "server.log").read_text()
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        proc.terminate()
-        pytest.fail("registry did not come up: " + (tmp / "server.log").read_text())
     store = PromptStore(redis_url, bb.info, namespace=namespace)
     try:
-        yield LiveRegistry(url, port, store, env)
+        with registry_server(ckpt, redis_url, tmp / "server.log", **env) as url:
+            yield LiveRegistry(url, int(url.rsplit(":", 1)[1]), store)
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
         with suppress(StoreUnavailable):
             store.drop_all()
 
