@@ -48,12 +48,12 @@ from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes
 from e2vpt.dev.localredis import LocalRedis, free_port
+from e2vpt.dev.tiny import tiny_checkpoint
 from e2vpt.registry.store import PromptStore
 from e2vpt.serving.cache import compacted
 from e2vpt.serving.table import PromptTable
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2}  # the tests' tiny backbone
 APP = "e2vpt-bench"
 
 
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             bb = load_backbone(args.backbone, pretrained=False)
             ckpt = save_checkpoint(bb.model, args.backbone, {}, tmp / "backbone.safetensors")
         else:
-            bb = load_backbone("vit_tiny_patch16_224", **TINY)
-            ckpt = save_checkpoint(bb.model, "vit_tiny_patch16_224", TINY, tmp / "backbone.safetensors")
+            ckpt, _ = tiny_checkpoint(tmp / "backbone.safetensors")
         backbone: Backbone = load_backbone(checkpoint=ckpt)
         namespace = f"bench-{uuid.uuid4().hex[:6]}"
         store = PromptStore(redis.url, backbone.info, namespace=namespace)

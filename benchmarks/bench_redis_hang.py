@@ -32,10 +32,10 @@ from e2vpt.core.backbone import load_backbone  # noqa: E402
 from e2vpt.core.promptset import PromptSet  # noqa: E402
 from e2vpt.dev.images import image_bytes  # noqa: E402
 from e2vpt.dev.localredis import LocalRedis  # noqa: E402
+from e2vpt.dev.tiny import TINY  # noqa: E402
 from e2vpt.registry.store import PromptStore  # noqa: E402
 from e2vpt.serving.engine import MultiTaskEngine, RequestItem, Result  # noqa: E402
 
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
 CACHED = [f"cached-{i}" for i in range(4)]
 
 

@@ -30,11 +30,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.dev.localredis import LocalRedis, free_port  # noqa: E402
 from e2vpt.dev.registry import registry_server  # noqa: E402
-
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
+from e2vpt.dev.tiny import tiny_checkpoint  # noqa: E402
 
 
 def timed(url: str) -> tuple[int | str, float]:
@@ -50,8 +48,7 @@ def timed(url: str) -> tuple[int | str, float]:
 @contextmanager
 def registry(workdir: Path, backoff_ms: int) -> Iterator[tuple[str, LocalRedis]]:
     redis = LocalRedis(port=free_port(), workdir=workdir / "redis", appendonly=False).start()
-    bb = load_backbone("vit_tiny_patch16_224", **TINY)
-    ckpt = save_checkpoint(bb.model, "vit_tiny_patch16_224", TINY, workdir / "tiny.safetensors")
+    ckpt, _ = tiny_checkpoint(workdir / "tiny.safetensors")
     env = {"E2VPT_REGISTRY_TOKEN": "bench", "E2VPT_REGISTRY_STORE_BACKOFF_MS": str(backoff_ms)}
     try:
         with registry_server(ckpt, redis.url, workdir / "registry.log", **env) as url:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from e2vpt.core.backbone import load_backbone, save_checkpoint  # noqa: E402
 from e2vpt.dev.localredis import LocalRedis, free_port  # noqa: E402
 from e2vpt.dev.registry import registry_server  # noqa: E402
+from e2vpt.dev.tiny import tiny_checkpoint  # noqa: E402
 from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
 
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
 TOKEN = "probe"
 
 
@@ -80,8 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         redis = LocalRedis(port=free_port(), workdir=root / "redis", appendonly=False).start()
-        bb = load_backbone("vit_tiny_patch16_224", **TINY)
-        ckpt = save_checkpoint(bb.model, "vit_tiny_patch16_224", TINY, root / "tiny.safetensors")
+        ckpt, _ = tiny_checkpoint(root / "tiny.safetensors")
         ts = TorchServe(build_mar(root / "mar", checkpoint=ckpt), root / "ts", workers=1,
                         env={"E2VPT_REDIS_URL": redis.url}).start()  # fmt: skip
         env = {"E2VPT_REGISTRY_TOKEN": TOKEN}

@@ -9,23 +9,10 @@ from pathlib import Path
 
 import torch
 
-from e2vpt.core.backbone import Backbone, load_backbone, save_checkpoint
+from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.localredis import LocalRedis, free_port
-
-# A 2-block ViT on 32x32 images with 8x8 patches: 16 patches, D=192, 3 heads. Milliseconds per forward.
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
-
-
-def tiny_backbone(name: str = "vit_tiny_patch16_224", **kwargs: object) -> Backbone:
-    return load_backbone(name, **{**TINY, **kwargs})
-
-
-def tiny_checkpoint(path: Path) -> tuple[Path, Backbone]:
-    """A random tiny backbone saved as a checkpoint at `path` (what a .mar or a deployment packs), and the
-    backbone loaded back from it."""
-    ckpt = save_checkpoint(tiny_backbone().model, "vit_tiny_patch16_224", TINY, path)
-    return ckpt, load_backbone(checkpoint=ckpt)
+from e2vpt.dev.tiny import TINY, tiny_backbone, tiny_checkpoint  # noqa: F401 (re-exported to the tests)
 
 
 def RedisServer(workdir: Path, port: int | None = None, appendonly: bool = True) -> LocalRedis:  # noqa: N802
