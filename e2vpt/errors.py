@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class E2VPTError(Exception):
     """Base of every error this project raises on purpose. `http_status` is what a server answers."""
@@ -13,7 +15,7 @@ class E2VPTError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return {"error": self.code, "detail": self.message}
 
 
@@ -70,6 +72,21 @@ class TaskNotFound(E2VPTError):
 
 class VersionNotFound(TaskNotFound):
     code = "version_not_found"
+
+
+class PreconditionFailed(E2VPTError):
+    """A conditional write (If-Match / If-None-Match) whose condition does not hold: nothing was written.
+    `current`: the task's current version (None: not registered), so a client can re-read and retry."""
+
+    http_status = 412
+    code = "precondition_failed"
+
+    def __init__(self, message: str, current: int | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "current_version": self.current}
 
 
 class InvalidImage(E2VPTError):

@@ -35,13 +35,16 @@ from e2vpt.errors import (
     BadRequest,
     E2VPTError,
     InvalidTaskId,
+    PreconditionFailed,
     PromptSetTooLarge,
     RequestTooLarge,
     StoreUnavailable,
     Unauthorized,
+    excerpt,
     http_status,
 )
 from e2vpt.registry.client import read_token
+from e2vpt.registry.conditions import HEADER_PATTERN, MAX_HEADER_CHARS, Precondition, etag, parse_tags
 from e2vpt.registry.store import CURSOR_PATTERN, MAX_LIST_LIMIT, PromptStore
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,8 @@ def _error_response(exc: E2VPTError) -> JSONResponse:
         headers["WWW-Authenticate"] = 'Bearer realm="e2vpt-registry"'
     if isinstance(exc, StoreUnavailable) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))  # whole seconds (RFC 9110)
+    if isinstance(exc, PreconditionFailed) and exc.current is not None:
+        headers["ETag"] = etag(exc.current)  # what the condition would have to name now
     return JSONResponse(status_code=http_status(exc), content=exc.to_dict(), headers=headers or None)
 
 
@@ -182,6 +187,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown task or version"},
     503: {"description": "the prompt store (Redis) is unavailable"},
 }
+_PRECONDITION = {"description": "If-Match / If-None-Match does not hold; nothing changed (ETag: the current)"}
+_NOT_MODIFIED = {"description": "If-None-Match names this version (no body)"}
 
 
 _bearer = HTTPBearer(auto_error=False, description="the registry token")
@@ -202,6 +209,53 @@ def _no_auth() -> None:
 
 
 VersionQ = Annotated[int | None, Query(ge=1, description="a kept version (default: current)")]
+
+
+def _header_doc(name: str, description: str) -> dict[str, Any]:
+    schema = {"type": "string", "pattern": HEADER_PATTERN, "maxLength": MAX_HEADER_CHARS}
+    return {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
+
+
+# The conditional headers are read from the request (`_precondition`, `_unchanged`) and documented here:
+# declared as FastAPI parameters they would be nullable in the schema, which no header can be.
+_IF_MATCH = _header_doc(
+    "If-Match", 'only if the current version is one of these entity tags ("4"); *: it exists'
+)
+_IF_NONE_MATCH_WRITE = _header_doc(
+    "If-None-Match", "only if the current version is none of these; *: no task"
+)
+_IF_NONE_MATCH_READ = _header_doc("If-None-Match", "304 Not Modified if the version is one of these tags")
+_CONDITIONAL_WRITE = {"parameters": [_IF_MATCH, _IF_NONE_MATCH_WRITE]}
+_CONDITIONAL_READ = {"parameters": [_IF_NONE_MATCH_READ]}
+
+
+def _precondition(request: Request) -> Precondition:
+    """A write's condition from If-Match / If-None-Match (RFC 9110 13.1): see `e2vpt.registry.conditions`."""
+    return Precondition(
+        if_match=parse_tags(request.headers.get("if-match"), "If-Match", weak=False),
+        if_none_match=parse_tags(request.headers.get("if-none-match"), "If-None-Match", weak=True),
+    )
+
+
+When = Annotated[Precondition, Depends(_precondition)]
+
+
+def _unchanged(request: Request, version: int) -> bool:
+    """A read's If-None-Match names `version` (weak comparison): the answer is 304 Not Modified."""
+    tags = parse_tags(request.headers.get("if-none-match"), "If-None-Match", weak=True)
+    return not Precondition(if_none_match=tags).holds(version)
+
+
+def _tagged(request: Request, body: dict[str, Any] | bytes, version: int, **kw: Any) -> Response:
+    """A read's answer with its ETag, or 304 Not Modified when If-None-Match already names it."""
+    headers = {"ETag": etag(version), **kw.pop("headers", {})}
+    if _unchanged(request, version):
+        return Response(status_code=304, headers={"ETag": headers["ETag"]})
+    if isinstance(body, bytes):
+        return Response(content=body, headers=headers, **kw)
+    return JSONResponse(content=body, headers=headers, **kw)
+
+
 Cursor = Annotated[
     str, Query(pattern=CURSOR_PATTERN, description="'0' to start, then the previous page's next_cursor")
 ]
@@ -288,7 +342,7 @@ def _add_error_handlers(app: FastAPI, metrics: RegistryMetrics) -> None:
         bad_id = next((e for e in exc.errors() if tuple(e["loc"]) == ("path", "task_id")), None)
         if bad_id is not None:
             return await on_error(
-                request, InvalidTaskId(f"invalid task id {bad_id.get('input')!r}: {bad_id['msg']}")
+                request, InvalidTaskId(f"invalid task id {excerpt(bad_id.get('input'))}: {bad_id['msg']}")
             )
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return await on_error(request, BadRequest(problems))
@@ -331,15 +385,18 @@ def _add_write_routes(
         "/tasks/{task_id}",
         status_code=201,
         dependencies=[write],
-        openapi_extra=_REGISTER_BODY,
+        openapi_extra={**_REGISTER_BODY, **_CONDITIONAL_WRITE},
         responses={
             **_ERROR_RESPONSES,
+            412: _PRECONDITION,
             413: {"description": "too large"},
             422: {"description": "invalid file"},
         },
         summary="Register a prompt set as the task's new current version",
     )
-    async def register_task(task_id: TaskId, request: Request) -> dict[str, Any]:
+    async def register_task(
+        task_id: TaskId, request: Request, when: When, response: Response
+    ) -> dict[str, Any]:
         ctype = request.headers.get("content-type", OCTET_STREAM).split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             body = await _read_capped(request, max_bytes + MULTIPART_SLACK_BYTES)
@@ -352,33 +409,37 @@ def _add_write_routes(
             raise BadRequest(
                 f"unsupported content type {ctype!r}: send {OCTET_STREAM} or multipart/form-data"
             )
-        _, version = await run_in_threadpool(store.register_bytes, data, task_id=task_id)
+        _, version = await run_in_threadpool(store.register_bytes, data, task_id=task_id, when=when)
         metrics.changes.labels(action="register").inc()
         metrics.sizes.observe(len(data))
         summary = await run_in_threadpool(store.summary, task_id, version)
+        response.headers["ETag"] = etag(version)
         return {"task_id": task_id, "version": version, "summary": summary}
 
     @app.post(
         "/tasks/{task_id}/rollback",
         dependencies=[write],
-        responses=_ERROR_RESPONSES,
+        openapi_extra=_CONDITIONAL_WRITE,
+        responses={**_ERROR_RESPONSES, 412: _PRECONDITION},
         summary="Make an earlier version's content current again, as a NEW version",
     )
-    def rollback(task_id: TaskId, body: RollbackRequest) -> dict[str, Any]:
-        version = store.rollback(task_id, body.version)
+    def rollback(task_id: TaskId, body: RollbackRequest, when: When, response: Response) -> dict[str, Any]:
+        version = store.rollback(task_id, body.version, when=when)
         metrics.changes.labels(action="rollback").inc()
+        response.headers["ETag"] = etag(version)
         return {"task_id": task_id, "version": version, "rolled_back_from": body.version}
 
     @app.delete(
         "/tasks/{task_id}",
         status_code=204,
         dependencies=[write],
+        openapi_extra=_CONDITIONAL_WRITE,
         response_class=Response,
-        responses=_ERROR_RESPONSES,
+        responses={**_ERROR_RESPONSES, 412: _PRECONDITION},
         summary="Delete a task and all its versions",
     )
-    def delete_task(task_id: TaskId) -> Response:
-        store.delete(task_id)
+    def delete_task(task_id: TaskId, when: When) -> Response:
+        store.delete(task_id, when=when)
         metrics.changes.labels(action="delete").inc()
         return Response(status_code=204)
 
@@ -389,24 +450,41 @@ def _add_read_routes(app: FastAPI, store: PromptStore, read: Any) -> None:
         tasks, next_cursor = store.list_tasks(cursor=cursor, limit=limit)
         return {"tasks": tasks, "next_cursor": next_cursor}
 
-    @app.get("/tasks/{task_id}", dependencies=[read], responses=_ERROR_RESPONSES, summary="A task's summary")
-    def show_task(task_id: TaskId, version: VersionQ = None) -> dict[str, Any]:
-        return {"task_id": task_id, **store.summary(task_id, version)}
+    @app.get(
+        "/tasks/{task_id}",
+        dependencies=[read],
+        response_model=None,
+        responses={**_ERROR_RESPONSES, 304: _NOT_MODIFIED},
+        openapi_extra=_CONDITIONAL_READ,
+        summary="A task's summary",
+    )
+    def show_task(task_id: TaskId, request: Request, version: VersionQ = None) -> Response:
+        summary = store.summary(task_id, version)
+        return _tagged(request, {"task_id": task_id, **summary}, summary["version"])
 
     @app.get(
         "/tasks/{task_id}/file",
         dependencies=[read],
         response_class=Response,
-        responses={**_ERROR_RESPONSES, 200: {"content": {OCTET_STREAM: {"schema": {"type": "string"}}}}},
+        responses={
+            **_ERROR_RESPONSES,
+            200: {"content": {OCTET_STREAM: {"schema": {"type": "string"}}}},
+            304: _NOT_MODIFIED,
+        },
+        openapi_extra=_CONDITIONAL_READ,
         summary="The prompt-set file (export)",
     )
-    def task_file(task_id: TaskId, version: VersionQ = None) -> Response:
+    def task_file(task_id: TaskId, request: Request, version: VersionQ = None) -> Response:
+        if "if-none-match" in request.headers and version is None:  # revalidating: no blob read if unchanged
+            current = store.current_version(task_id)
+            if current is not None and _unchanged(request, current):
+                return Response(status_code=304, headers={"ETag": etag(current)})
         data, v = store.get_bytes(task_id, version)
         headers = {
             "X-Task-Version": str(v),
             "Content-Disposition": f'attachment; filename="{task_id}.v{v}.safetensors"',
         }
-        return Response(content=data, media_type=OCTET_STREAM, headers=headers)
+        return _tagged(request, data, v, media_type=OCTET_STREAM, headers=headers)
 
     @app.get(
         "/tasks/{task_id}/versions", dependencies=[read], responses=_ERROR_RESPONSES, summary="Kept versions"

@@ -7,7 +7,12 @@
     e2vpt tasks rollback TASK VERSION       make VERSION's content current again (as a new version)
     e2vpt tasks delete TASK                 delete a task and all its versions
     e2vpt tasks export DIR [TASK...]        backup: one prompt-set file per task (current version)
-    e2vpt tasks import DIR                  restore: register every *.safetensors in DIR
+    e2vpt tasks import DIR [--skip-existing]  restore: register every *.safetensors in DIR
+
+Changes can be made conditional (the registry checks it atomically, HTTP If-Match / If-None-Match):
+`register`, `rollback` and `delete` take `--if-version N` (only if the task's current version is still
+N), `register` takes `--if-absent` (only if the task is not registered yet) and `import --skip-existing`
+registers only the tasks that are not; a condition that does not hold changes nothing and exits 1.
 
 URL and token come from --url/--token/--token-file, else E2VPT_REGISTRY_URL and
 E2VPT_REGISTRY_TOKEN_FILE / E2VPT_REGISTRY_TOKEN. Messages go to stderr, results to stdout: compact
@@ -31,6 +36,7 @@ from typing import Any
 from e2vpt.config import Settings, get_settings
 from e2vpt.errors import CorruptPromptSet, E2VPTError, RegistryRequestError, RegistryUnreachable
 from e2vpt.registry.client import RegistryClient
+from e2vpt.registry.conditions import NO_CONDITION, Precondition
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT_NOPERM = 0, 1, 2, 66, 69, 77
 FILE_SUFFIX = ".safetensors"
@@ -89,7 +95,7 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
+def _register_file(client: RegistryClient, path: Path, when: Precondition) -> dict[str, Any]:
     """Upload one file under its own task id (read locally only to learn it; the server validates)."""
     from e2vpt.core.promptfile import read_file, read_metadata  # no torch
 
@@ -97,15 +103,25 @@ def _register_file(client: RegistryClient, path: Path) -> dict[str, Any]:
     task_id = read_metadata(data).get("task_id")
     if not isinstance(task_id, str) or not task_id:
         raise CorruptPromptSet(f"{path}: the prompt set's metadata names no task id")
-    return client.register(data, task_id)
+    return client.register(data, task_id, when=when)
 
 
-def _register_files(client: RegistryClient, paths: list[Path]) -> int:
+def _register_files(
+    client: RegistryClient,
+    paths: list[Path],
+    when: Precondition = NO_CONDITION,
+    *,
+    skip_existing: bool = False,
+) -> int:
+    """Register each file; `skip_existing`: a task that is already registered is skipped, not an error."""
     worst = EXIT_OK
     for path in paths:
         try:
-            result = _register_file(client, path)
+            result = _register_file(client, path, when)
         except (E2VPTError, OSError) as exc:
+            if skip_existing and isinstance(exc, RegistryRequestError) and exc.http_status == 412:
+                _err(f"{path}: skipped: {exc.message}")
+                continue
             _err(f"{path}: refused: {getattr(exc, 'message', exc)}")
             if isinstance(exc, RegistryUnreachable):
                 return EXIT_UNAVAILABLE
@@ -115,8 +131,18 @@ def _register_files(client: RegistryClient, paths: list[Path]) -> int:
     return worst
 
 
+def _when(args: argparse.Namespace) -> Precondition:
+    """The condition that --if-version / --if-absent state (none without them)."""
+    if getattr(args, "if_absent", False):
+        return Precondition.absent()
+    return NO_CONDITION if args.if_version is None else Precondition.version(args.if_version)
+
+
 def cmd_register(client: RegistryClient, args: argparse.Namespace) -> int:
-    return _register_files(client, [Path(p) for p in args.files])
+    if args.if_version is not None and len(args.files) > 1:
+        _err("error: --if-version names one task's version: register one file with it")
+        return EXIT_USAGE
+    return _register_files(client, [Path(p) for p in args.files], _when(args))
 
 
 # Columns of the compact tables: (heading, summary field); missing fields print as "-".
@@ -202,7 +228,7 @@ def cmd_versions(client: RegistryClient, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(client: RegistryClient, args: argparse.Namespace) -> int:
-    result = client.rollback(args.task, args.version)
+    result = client.rollback(args.task, args.version, when=_when(args))
     print(
         f"{result['task_id']}\tversion {result['version']}\t(content of version {result['rolled_back_from']})"
     )
@@ -210,7 +236,7 @@ def cmd_rollback(client: RegistryClient, args: argparse.Namespace) -> int:
 
 
 def cmd_delete(client: RegistryClient, args: argparse.Namespace) -> int:
-    client.delete(args.task)
+    client.delete(args.task, when=_when(args))
     _err(f"deleted {args.task}")
     return EXIT_OK
 
@@ -238,7 +264,8 @@ def cmd_import(client: RegistryClient, args: argparse.Namespace) -> int:
     if not paths:
         _err(f"no *{FILE_SUFFIX} files in {folder}")
         return EXIT_NOINPUT
-    return _register_files(client, paths)
+    when = Precondition.absent() if args.skip_existing else NO_CONDITION
+    return _register_files(client, paths, when, skip_existing=args.skip_existing)
 
 
 def _run_tasks(args: argparse.Namespace) -> int:
@@ -302,9 +329,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_run_tasks, tasks_func=func)
         return p
 
-    add("register", cmd_register, "register prompt-set files").add_argument(
-        "files", nargs="+", metavar="FILE"
-    )
+    if_version = {
+        "type": int,
+        "metavar": "N",
+        "help": "only if the task's current version is N (else exit 1)",
+    }
+    p = add("register", cmd_register, "register prompt-set files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--if-version", **if_version)
+    only.add_argument("--if-absent", action="store_true", help="only if the task is not registered yet")
     json_help = "the registry's full JSON instead of a table"
     p = add("list", cmd_list, "list tasks")
     p.add_argument("--json", action="store_true", help=json_help)
@@ -319,11 +353,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("rollback", cmd_rollback, "make an earlier version current again (as a new version)")
     p.add_argument("task")
     p.add_argument("version", type=int)
-    add("delete", cmd_delete, "delete a task and all its versions").add_argument("task")
+    p.add_argument("--if-version", **if_version)
+    p = add("delete", cmd_delete, "delete a task and all its versions")
+    p.add_argument("task")
+    p.add_argument("--if-version", **if_version)
     p = add("export", cmd_export, "write every (or the named) task's current file into a folder")
     p.add_argument("dir")
     p.add_argument("tasks", nargs="*", metavar="TASK")
-    add("import", cmd_import, "register every prompt-set file of a folder").add_argument("dir")
+    p = add("import", cmd_import, "register every prompt-set file of a folder")
+    p.add_argument("dir")
+    p.add_argument("--skip-existing", action="store_true", help="leave tasks that are registered as they are")
 
     registry = subparsers.add_parser("registry", help="the registry HTTP API server")
     rsub = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)

@@ -17,6 +17,7 @@ import httpx
 
 from e2vpt.config import Settings, get_settings
 from e2vpt.errors import RegistrationFailed, RegistryRequestError, RegistryUnreachable
+from e2vpt.registry.conditions import NO_CONDITION, Precondition
 
 
 def read_token(settings: Settings) -> str | None:
@@ -72,9 +73,12 @@ class RegistryClient:
             raise RegistryRequestError(detail, status=response.status_code, code=code)
         return response
 
-    def register(self, data: bytes, task_id: str) -> dict[str, Any]:
-        """PUT a prompt-set file under `task_id`; the registry's JSON ({task_id, version, ...})."""
-        headers = {"Content-Type": "application/octet-stream"}
+    def register(self, data: bytes, task_id: str, *, when: Precondition = NO_CONDITION) -> dict[str, Any]:
+        """PUT a prompt-set file under `task_id`; the registry's JSON ({task_id, version, ...}).
+
+        `when` (here and in `rollback`, `delete`): only if it holds for the current version, else the
+        registry answers 412 (`RegistryRequestError`, code "precondition_failed") and changes nothing."""
+        headers = {"Content-Type": "application/octet-stream", **when.headers()}
         return self._request("PUT", f"/tasks/{task_id}", content=data, headers=headers).json()
 
     def list_page(self, cursor: str = "0", limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
@@ -99,11 +103,12 @@ class RegistryClient:
         response = self._request("GET", f"/tasks/{task_id}/file", params=params)
         return response.content, int(response.headers["X-Task-Version"])
 
-    def rollback(self, task_id: str, version: int) -> dict[str, Any]:
-        return self._request("POST", f"/tasks/{task_id}/rollback", json={"version": version}).json()
+    def rollback(self, task_id: str, version: int, *, when: Precondition = NO_CONDITION) -> dict[str, Any]:
+        body = {"version": version}
+        return self._request("POST", f"/tasks/{task_id}/rollback", json=body, headers=when.headers()).json()
 
-    def delete(self, task_id: str) -> None:
-        self._request("DELETE", f"/tasks/{task_id}")
+    def delete(self, task_id: str, *, when: Precondition = NO_CONDITION) -> None:
+        self._request("DELETE", f"/tasks/{task_id}", headers=when.headers())
 
 
 class Registrable(Protocol):

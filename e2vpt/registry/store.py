@@ -43,29 +43,36 @@ from e2vpt.core.promptset import PromptSet, check_task_id
 from e2vpt.errors import (
     BadRequest,
     InvalidTaskId,
+    PreconditionFailed,
     PromptSetTooLarge,
     StoreUnavailable,
     TaskIdMismatch,
     TaskNotFound,
     VersionNotFound,
 )
+from e2vpt.registry.conditions import LUA_HOLDS, NO_CONDITION, Precondition
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("register", "rollback", "delete")
 MAX_LIST_LIMIT = 1000
 
+# A condition that does not hold: "PRECONDITION <current version, 0 if none> <task id>", nothing written.
 # KEYS: 1 current, 2 counter, 3 summary, 4 index, 5 blob, 6 info, 7 versions
-# ARGV: 1 task_id, 2 blob (or "" for rollback), 3 info json, 4 keep, 5 channel, 6 action, 7 source version
-_CHANGE_LUA = """
+# ARGV: 1 task_id, 2 blob (or "" for rollback), 3 info json, 4 keep, 5 channel, 6 action, 7 source version,
+#       8 If-Match, 9 If-None-Match (`Precondition.lua_args`)
+_CHANGE_LUA = (
+    LUA_HOLDS
+    + """
 local task = ARGV[1]
 local blob = ARGV[2]
+local cur = tonumber(redis.call('HGET', KEYS[1], task) or '0')
+if not holds(ARGV[8], ARGV[9], cur) then return redis.error_reply('PRECONDITION ' .. cur .. ' ' .. task) end
 if ARGV[6] == 'rollback' then
   blob = redis.call('HGET', KEYS[5], ARGV[7])
   if not blob then return redis.error_reply('NOVERSION version ' .. ARGV[7] .. ' of ' .. task) end
 end
 local v = redis.call('HINCRBY', KEYS[2], task, 1)
-local cur = tonumber(redis.call('HGET', KEYS[1], task) or '0')
 if v <= cur then
   v = cur + 1
   redis.call('HSET', KEYS[2], task, v)
@@ -85,11 +92,18 @@ end
 redis.call('PUBLISH', ARGV[5], cjson.encode({task_id = task, version = v, action = ARGV[6]}))
 return v
 """
+)
 
-# KEYS: 1 current, 2 summary, 3 index, 4 blob, 5 info, 6 versions ; ARGV: 1 task_id, 2 channel
-_DELETE_LUA = """
+# KEYS: 1 current, 2 summary, 3 index, 4 blob, 5 info, 6 versions
+# ARGV: 1 task_id, 2 channel, 3 If-Match, 4 If-None-Match
+_DELETE_LUA = (
+    LUA_HOLDS
+    + """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return false end
+if not holds(ARGV[3], ARGV[4], tonumber(v)) then
+  return redis.error_reply('PRECONDITION ' .. v .. ' ' .. ARGV[1])
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -97,6 +111,7 @@ redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
 redis.call('PUBLISH', ARGV[2], cjson.encode({task_id = ARGV[1], version = tonumber(v), action = 'delete'}))
 return tonumber(v)
 """
+)
 
 # KEYS: 1 current, 2 blob ; ARGV: 1 task_id  -> {version, blob} of the current version, read together
 _GET_CURRENT_LUA = """
@@ -149,9 +164,22 @@ def _wrap_redis() -> Iterator[None]:
     except rexc.ResponseError as exc:
         if "NOVERSION" in str(exc):
             raise VersionNotFound(str(exc).split("NOVERSION", 1)[1].strip()) from exc
+        if "PRECONDITION" in str(exc):
+            raise _precondition_failed(str(exc).split("PRECONDITION", 1)[1]) from exc
         if str(exc).startswith(("LOADING", "MASTERDOWN", "READONLY")):
             raise StoreUnavailable(f"prompt store (Redis) unavailable: {exc}") from exc
         raise
+
+
+def _precondition_failed(reply: str) -> PreconditionFailed:
+    """The error of a script's "PRECONDITION <current> <task id>" reply."""
+    current, task_id = reply.split(maxsplit=1)
+    where = f"is at version {current}" if int(current) else "is not registered"
+    return PreconditionFailed(
+        f"task {task_id!r} {where}: the request's condition (If-Match / If-None-Match) does not hold; "
+        "nothing was changed",
+        current=int(current) or None,
+    )
 
 
 class FailFast:
@@ -422,20 +450,25 @@ class PromptStore:
             return sum(self.client.delete(*keys[i : i + 500]) for i in range(0, len(keys), 500))
 
     # ------------------------------------------------------------------ writes
-    def register(self, ps: PromptSet) -> int:
-        """Validate against this backbone, then store as the task's new current version (atomic)."""
+    def register(self, ps: PromptSet, *, when: Precondition = NO_CONDITION) -> int:
+        """Validate against this backbone, then store as the task's new current version (atomic).
+
+        `when`: write only if it holds for the task's current version (`PreconditionFailed` otherwise)."""
         limits = self.limits
         ps.validate(self.info, limits)
         data = ps.to_bytes()
         limit = limits.max_bytes
         if len(data) > limit:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
-        return self._write(ps, data)
+        return self._write(ps, data, when)
 
-    def register_bytes(self, data: bytes, *, task_id: str | None = None) -> tuple[PromptSet, int]:
+    def register_bytes(
+        self, data: bytes, *, task_id: str | None = None, when: Precondition = NO_CONDITION
+    ) -> tuple[PromptSet, int]:
         """Parse and validate a prompt-set file at the door, then store it. Nothing is written on error.
 
-        With `task_id`, the file's own task id must equal it (`TaskIdMismatch` otherwise).
+        With `task_id`, the file's own task id must equal it (`TaskIdMismatch` otherwise). `when`: as
+        `register`.
         """
         if task_id is not None:
             check_task_id(task_id)
@@ -443,9 +476,9 @@ class PromptStore:
         ps = PromptSet.from_bytes(data, limits=limits).validate(self.info, limits)
         if task_id is not None and ps.task_id != task_id:
             raise TaskIdMismatch(f"the file is task {ps.task_id!r}, uploaded as {task_id!r}")
-        return ps, self._write(ps, ps.to_bytes())
+        return ps, self._write(ps, ps.to_bytes(), when)
 
-    def _write(self, ps: PromptSet, data: bytes) -> int:
+    def _write(self, ps: PromptSet, data: bytes, when: Precondition) -> int:
         summary = ps.summary()
         summary.pop("labels", None)  # listings stay small; labels are in the file
         summary.update(
@@ -457,12 +490,12 @@ class PromptStore:
         with self._redis():
             keys = self._change_keys(ps.task_id)
             args = [ps.task_id, data, _dumps(summary), self.keep_versions, self.events_channel, "register", 0]
-            return int(self._change(keys=keys, args=args))
+            return int(self._change(keys=keys, args=args + when.lua_args()))
 
-    def rollback(self, task_id: str, version: int) -> int:
+    def rollback(self, task_id: str, version: int, *, when: Precondition = NO_CONDITION) -> int:
         """Make the content of `version` current again, as a NEW version (history is never rewritten).
 
-        Returns the new version number. Raises TaskNotFound / VersionNotFound.
+        Returns the new version number. Raises TaskNotFound / VersionNotFound / PreconditionFailed.
         """
         _, info_k, _ = self._task_keys(task_id)
         version = int(version)
@@ -477,14 +510,15 @@ class PromptStore:
         with self._redis():
             keys = self._change_keys(task_id)
             args = [task_id, b"", _dumps(info), self.keep_versions, self.events_channel, "rollback", version]
-            return int(self._change(keys=keys, args=args))
+            return int(self._change(keys=keys, args=args + when.lua_args()))
 
-    def delete(self, task_id: str) -> None:
-        """Remove a task and all its versions. Raises TaskNotFound. Version numbers are never reused."""
+    def delete(self, task_id: str, *, when: Precondition = NO_CONDITION) -> None:
+        """Remove a task and all its versions. Raises TaskNotFound / PreconditionFailed. Version numbers
+        are never reused."""
         blob_k, info_k, versions_k = self._task_keys(task_id)
         with self._redis():
             keys = [self._k_current, self._k_summary, self._k_index, blob_k, info_k, versions_k]
-            result = self._delete(keys=keys, args=[task_id, self.events_channel])
+            result = self._delete(keys=keys, args=[task_id, self.events_channel, *when.lua_args()])
         if result is None:
             raise TaskNotFound(f"task {task_id!r} is not registered")
 

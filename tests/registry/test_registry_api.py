@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -102,6 +103,59 @@ def test_bad_requests(client: TestClient, backbone: Backbone) -> None:
         assert r.status_code == 400, body
     r = client.get("/tasks/cats", params={"version": -1})
     assert r.status_code == 400
+
+
+def test_conditional_requests(client: TestClient, store: PromptStore, backbone: Backbone) -> None:
+    """ETag is the version; If-Match / If-None-Match make writes conditional (412, nothing written) and
+    reads revalidate (304)."""
+    v = [marked_set(backbone.info, "cats", float(k)).to_bytes() for k in range(3)]
+
+    def refused(r: httpx.Response, current: int | None) -> None:
+        assert r.status_code == 412, r.text
+        body = r.json()
+        assert body["error"] == "precondition_failed" and body["current_version"] == current
+        assert r.headers.get("ETag") == (None if current is None else f'"{current}"')
+
+    refused(client.put("/tasks/cats", content=v[0], headers={**OCTET, "If-Match": "*"}), None)
+    r = client.put("/tasks/cats", content=v[0], headers={**OCTET, "If-None-Match": "*"})
+    assert r.status_code == 201 and r.headers["ETag"] == '"1"' and r.json()["version"] == 1
+    before = snapshot(store)
+    refused(client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-None-Match": "*"}), 1)
+    refused(client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-Match": '"2"'}), 1)
+    refused(client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-Match": 'W/"1"'}), 1)  # strong only
+    refused(client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-Match": '"abc"'}), 1)
+    refused(client.post("/tasks/cats/rollback", json={"version": 1}, headers={**AUTH, "If-Match": '"7"'}), 1)
+    refused(client.delete("/tasks/cats", headers={**AUTH, "If-Match": '"7"'}), 1)
+    for text in ("4", '"4', "W/4", '"1" "2"', '*, "1"', ", ".join(['"1"'] * 300), '"é"', '"\x01"'):
+        bad = text.encode("latin-1")  # as sent on the wire
+        r = client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-Match": bad})
+        assert r.status_code == 400 and "If-Match" in r.json()["detail"], text
+        assert client.get("/tasks/cats", headers={"If-None-Match": bad}).status_code == 400, text
+    assert snapshot(store) == before
+    r = client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-Match": '"9", "1"'})
+    assert r.status_code == 201 and r.headers["ETag"] == '"2"'
+    r = client.post("/tasks/cats/rollback", json={"version": 1}, headers={**AUTH, "If-Match": '"2"'})
+    assert r.status_code == 200 and r.headers["ETag"] == '"3"' and r.json()["version"] == 3
+    # reads: ETag always; If-None-Match naming the version answers 304 without a body
+    for path, params in (("/tasks/cats", {}), ("/tasks/cats/file", {}), ("/tasks/cats/file", {"version": 2})):
+        r = client.get(path, params=params)
+        tag = r.headers["ETag"]
+        assert r.status_code == 200 and tag == ('"2"' if params else '"3"')
+        for same in (tag, f"W/{tag}", f'"8", {tag}', "*"):
+            r = client.get(path, params=params, headers={"If-None-Match": same})
+            assert r.status_code == 304 and r.content == b"" and r.headers["ETag"] == tag, (path, same)
+        r = client.get(path, params=params, headers={"If-None-Match": '"1"'})
+        assert r.status_code == 200 and r.content and r.headers["ETag"] == tag
+    refused(client.delete("/tasks/cats", headers={**AUTH, "If-None-Match": "*"}), 3)
+    r = client.delete("/tasks/cats", headers={**AUTH, "If-Match": '"3"'})
+    assert r.status_code == 204
+    assert client.get("/tasks/cats", headers={"If-None-Match": "*"}).status_code == 404
+    text = client.get("/metrics").text
+    assert 'e2vpt_registry_rejections_total{reason="precondition_failed"} 5.0' in text
+    op = client.get("/openapi.json").json()["paths"]["/tasks/{task_id}"]
+    assert {p["name"] for p in op["put"]["parameters"]} == {"task_id", "If-Match", "If-None-Match"}
+    assert {p["name"] for p in op["get"]["parameters"]} == {"task_id", "version", "If-None-Match"}
+    assert "412" in op["put"]["responses"] and "304" in op["get"]["responses"]
 
 
 def test_every_malformed_upload_is_refused_with_its_status(

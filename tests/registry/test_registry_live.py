@@ -157,6 +157,40 @@ def test_cli_end_to_end(live: LiveRegistry, tmp_path: Path, capsys: pytest.Captu
     assert PromptSet.load(backup / "cli-b.safetensors").task_id == "cli-b"
 
 
+def test_cli_conditional_changes(
+    live: LiveRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--if-version / --if-absent / --skip-existing: a condition that does not hold exits 1, changes nothing."""
+    info = live.store.info
+    v1, v2, v3 = (
+        marked_set(info, "cond", m).save(tmp_path / f"cond-{m}.safetensors") for m in (1.0, 2.0, 3.0)
+    )
+    other = marked_set(info, "cond-other", 1.0).save(tmp_path / "cond-other.safetensors")
+    assert cli("register", str(v1), "--if-absent", live=live) == 0
+    assert cli("register", str(v2), "--if-absent", live=live) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "task 'cond' is at version 1" in err and "nothing was changed" in err
+    assert cli("register", str(v2), "--if-version", "7", live=live) == EXIT_REFUSED
+    assert cli("register", str(v2), "--if-version", "1", live=live) == 0
+    assert cli("register", str(v2), str(v3), "--if-version", "2", live=live) == 2  # one version, one file
+    assert cli("rollback", "cond", "1", "--if-version", "1", live=live) == EXIT_REFUSED
+    assert cli("delete", "cond", "--if-version", "1", live=live) == EXIT_REFUSED
+    assert live.store.current_version("cond") == 2 and marker_of(live.store.get("cond")[0]) == 2.0
+    assert cli("rollback", "cond", "1", "--if-version", "2", live=live) == 0
+    capsys.readouterr()
+    # import --skip-existing registers what is missing and leaves the rest as it is
+    folder = tmp_path / "restore"
+    folder.mkdir()
+    for path in (v3, other):
+        (folder / path.name).write_bytes(path.read_bytes())
+    assert cli("import", str(folder), "--skip-existing", live=live) == 0
+    out, err = capsys.readouterr()
+    assert "cond-other\tversion 1" in out and "cond-3.0.safetensors: skipped" in err
+    assert live.store.current_version("cond") == 3 and marker_of(live.store.get("cond")[0]) == 1.0
+    assert cli("delete", "cond", "--if-version", "3", live=live) == 0
+    assert cli("delete", "cond-other", live=live) == 0
+
+
 def test_cli_errors_and_exit_codes(
     live: LiveRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,11 +21,13 @@ from e2vpt.errors import (
     BadRequest,
     IncompatiblePromptSet,
     InvalidTaskId,
+    PreconditionFailed,
     PromptSetTooLarge,
     StoreUnavailable,
     TaskNotFound,
     VersionNotFound,
 )
+from e2vpt.registry.conditions import ANY, Precondition
 from e2vpt.registry.store import PromptStore, StoreEvent
 from tests.helpers import RedisServer, tiny_backbone, wait_for
 from tests.registry_helpers import bad_uploads, marked_set, marker_of, snapshot
@@ -236,6 +238,69 @@ def test_reader_never_sees_a_mixed_version_during_1000_updates(
         writer.join(60)
     assert writer.exitcode == 0
     assert reads > 10 and store.current_version("hot") == 1000
+
+
+# ---------------------------------------------------------------------- conditional writes
+def test_a_write_whose_condition_fails_changes_nothing(store: PromptStore, backbone: Backbone) -> None:
+    def refused(call: Callable[[], object], current: int | None) -> None:
+        before = contents(store)
+        with pytest.raises(PreconditionFailed) as err:
+            call()
+        assert err.value.current == current and err.value.http_status == 412
+        assert contents(store) == before  # nothing written, not even a version number
+
+    data = [marked_set(backbone.info, "cats", float(k)).to_bytes() for k in range(4)]
+    refused(lambda: store.register_bytes(data[0], when=Precondition(if_match=ANY)), None)  # must exist
+    refused(lambda: store.register_bytes(data[0], when=Precondition.version(1)), None)
+    assert store.register_bytes(data[1], when=Precondition.absent())[1] == 1  # create only
+    refused(lambda: store.register_bytes(data[2], when=Precondition.absent()), 1)
+    refused(lambda: store.register_bytes(data[2], when=Precondition.version(2)), 1)
+    refused(lambda: store.register_bytes(data[2], when=Precondition(if_match=frozenset())), 1)
+    refused(lambda: store.register_bytes(data[2], when=Precondition(if_none_match=frozenset({1}))), 1)
+    assert store.register_bytes(data[2], when=Precondition(if_match=frozenset({3, 1})))[1] == 2
+    assert store.register_bytes(data[3], when=Precondition(if_none_match=frozenset({1})))[1] == 3
+    refused(lambda: store.rollback("cats", 1, when=Precondition.version(2)), 3)
+    assert store.rollback("cats", 1, when=Precondition.version(3)) == 4
+    refused(lambda: store.delete("cats", when=Precondition.version(3)), 4)
+    refused(lambda: store.delete("cats", when=Precondition.absent()), 4)
+    assert [v["version"] for v in store.versions("cats")] == [1, 2, 3, 4]  # no number was spent
+    store.delete("cats", when=Precondition.version(4))
+    with pytest.raises(TaskNotFound):
+        store.delete("cats", when=Precondition.version(4))
+    assert store.register_bytes(data[0], when=Precondition.absent())[1] == 5  # numbers still never reused
+
+
+def test_conditional_updates_from_racing_writers_lose_none(store: PromptStore, backbone: Backbone) -> None:
+    """Read-modify-write with If-Match from 4 threads: every increment lands exactly once."""
+    writers, per = 4, 10
+    store.keep_versions = 100
+    store.register(marked_set(backbone.info, "count", 0.0))
+    refusals = [0] * writers
+
+    def increment(w: int) -> None:
+        done = 0
+        while done < per:
+            ps, v = store.get("count")
+            try:
+                store.register(
+                    marked_set(backbone.info, "count", marker_of(ps) + 1), when=Precondition.version(v)
+                )
+            except PreconditionFailed:
+                refusals[w] += 1
+                continue
+            done += 1
+
+    threads = [threading.Thread(target=increment, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert marker_of(store.get("count")[0]) == writers * per  # no update lost
+    assert store.current_version("count") == writers * per + 1
+    assert [marker_of(store.get("count", v)[0]) for v in range(1, writers * per + 2)] == list(
+        range(writers * per + 1)
+    )
+    assert sum(refusals) > 0  # the writers did race (else this test would show nothing)
 
 
 # ---------------------------------------------------------------------- events
