@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
         step(4, "Registry API: register the prompt sets over HTTP", "~10 s")
         token = secrets.token_urlsafe(24)
-        namespace = "e2vpt-demo"  # re-runs add versions; keys are namespaced by backbone fingerprint too
+        # re-runs add versions (an unchanged file keeps its version); keys are namespaced by backbone too
+        namespace = "e2vpt-demo"
         env = {
             **os.environ,
             "E2VPT_REDIS_URL": redis_url,
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         for task, path in files.items():
             out = client.register(path.read_bytes(), f"mini-{task}")
-            print(f"    PUT /tasks/mini-{task} -> version {out['version']}")
+            same = "" if out["created"] else " (unchanged: the file of the current version)"
+            print(f"    PUT /tasks/mini-{task} -> version {out['version']}{same}")
         print(f"    registry API at http://127.0.0.1:{reg_port} (namespace {namespace})")
 
         step(5, "TorchServe: build the .mar and start one deployment for all tasks", "~20-40 s")

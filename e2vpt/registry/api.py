@@ -388,6 +388,7 @@ def _add_write_routes(
         openapi_extra={**_REGISTER_BODY, **_CONDITIONAL_WRITE},
         responses={
             **_ERROR_RESPONSES,
+            200: {"description": "the current version's file again: nothing written (`created` false)"},
             412: _PRECONDITION,
             413: {"description": "too large"},
             422: {"description": "invalid file"},
@@ -409,12 +410,16 @@ def _add_write_routes(
             raise BadRequest(
                 f"unsupported content type {ctype!r}: send {OCTET_STREAM} or multipart/form-data"
             )
-        _, version = await run_in_threadpool(store.register_bytes, data, task_id=task_id, when=when)
-        metrics.changes.labels(action="register").inc()
-        metrics.sizes.observe(len(data))
+        _, version, created = await run_in_threadpool(store.register_bytes, data, task_id=task_id, when=when)
+        if created:
+            metrics.changes.labels(action="register").inc()
+            metrics.sizes.observe(len(data))
+        else:  # the current version's file again: PUT is idempotent, a retried upload creates nothing
+            response.status_code = 200
+            metrics.changes.labels(action="unchanged").inc()
         summary = await run_in_threadpool(store.summary, task_id, version)
         response.headers["ETag"] = etag(version)
-        return {"task_id": task_id, "version": version, "summary": summary}
+        return {"task_id": task_id, "version": version, "created": created, "summary": summary}
 
     @app.post(
         "/tasks/{task_id}/rollback",

@@ -128,6 +128,8 @@ def _register_files(
             worst = worst or exit_code(exc)
             continue
         print(f"{result['task_id']}\tversion {result['version']}\t{path}")
+        if result.get("created") is False:
+            _err(f"{path}: unchanged: the current version {result['version']} has the same content")
     return worst
 
 

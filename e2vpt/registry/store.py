@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import redis.exceptions as rexc
@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 ACTIONS = ("register", "rollback", "delete")
 MAX_LIST_LIMIT = 1000
 
-# A condition that does not hold: "PRECONDITION <current version, 0 if none> <task id>", nothing written.
+# Returns {version, 1}, or {current version, 0} when a register brings the current content again (same
+# sha256: nothing is written, no event). A condition that does not hold: the error "PRECONDITION <current
+# version, 0 if none> <task id>", nothing written.
 # KEYS: 1 current, 2 counter, 3 summary, 4 index, 5 blob, 6 info, 7 versions
 # ARGV: 1 task_id, 2 blob (or "" for rollback), 3 info json, 4 keep, 5 channel, 6 action, 7 source version,
 #       8 If-Match, 9 If-None-Match (`Precondition.lua_args`)
@@ -68,6 +70,10 @@ local task = ARGV[1]
 local blob = ARGV[2]
 local cur = tonumber(redis.call('HGET', KEYS[1], task) or '0')
 if not holds(ARGV[8], ARGV[9], cur) then return redis.error_reply('PRECONDITION ' .. cur .. ' ' .. task) end
+if ARGV[6] == 'register' and cur > 0 then  -- the current content again: nothing to do (PUT is idempotent)
+  local current = redis.call('HGET', KEYS[3], task)
+  if current and cjson.decode(current)['sha256'] == cjson.decode(ARGV[3])['sha256'] then return {cur, 0} end
+end
 if ARGV[6] == 'rollback' then
   blob = redis.call('HGET', KEYS[5], ARGV[7])
   if not blob then return redis.error_reply('NOVERSION version ' .. ARGV[7] .. ' of ' .. task) end
@@ -90,7 +96,7 @@ while redis.call('ZCARD', KEYS[7]) > keep do
   redis.call('HDEL', KEYS[6], old[1])
 end
 redis.call('PUBLISH', ARGV[5], cjson.encode({task_id = task, version = v, action = ARGV[6]}))
-return v
+return {v, 1}
 """
 )
 
@@ -129,6 +135,15 @@ local out = {}
 for i = 1, #ids do out[#out + 1] = ids[i]; out[#out + 1] = sums[i] or '' end
 return out
 """
+
+
+class Registered(NamedTuple):
+    """What a registration did: the validated set, its version, and whether that version is new (False:
+    the file was the current version's, nothing was written)."""
+
+    prompt_set: PromptSet
+    version: int
+    created: bool
 
 
 @dataclass(frozen=True)
@@ -451,7 +466,8 @@ class PromptStore:
 
     # ------------------------------------------------------------------ writes
     def register(self, ps: PromptSet, *, when: Precondition = NO_CONDITION) -> int:
-        """Validate against this backbone, then store as the task's new current version (atomic).
+        """Validate against this backbone, then store as the task's new current version (atomic); the
+        version. A file identical to the current version's is not stored again: its version is returned.
 
         `when`: write only if it holds for the task's current version (`PreconditionFailed` otherwise)."""
         limits = self.limits
@@ -460,12 +476,13 @@ class PromptStore:
         limit = limits.max_bytes
         if len(data) > limit:
             raise PromptSetTooLarge(f"prompt set is {len(data)} bytes; the limit is {limit}")
-        return self._write(ps, data, when)
+        return self._write(ps, data, when).version
 
     def register_bytes(
         self, data: bytes, *, task_id: str | None = None, when: Precondition = NO_CONDITION
-    ) -> tuple[PromptSet, int]:
-        """Parse and validate a prompt-set file at the door, then store it. Nothing is written on error.
+    ) -> Registered:
+        """Parse and validate a prompt-set file at the door, then store it as `register` does. Nothing is
+        written on error, nor when it is the current version's file again (`created` False).
 
         With `task_id`, the file's own task id must equal it (`TaskIdMismatch` otherwise). `when`: as
         `register`.
@@ -476,9 +493,10 @@ class PromptStore:
         ps = PromptSet.from_bytes(data, limits=limits).validate(self.info, limits)
         if task_id is not None and ps.task_id != task_id:
             raise TaskIdMismatch(f"the file is task {ps.task_id!r}, uploaded as {task_id!r}")
-        return ps, self._write(ps, ps.to_bytes(), when)
+        written = self._write(ps, ps.to_bytes(), when)
+        return Registered(ps, written.version, written.created)
 
-    def _write(self, ps: PromptSet, data: bytes, when: Precondition) -> int:
+    def _write(self, ps: PromptSet, data: bytes, when: Precondition) -> Registered:
         summary = ps.summary()
         summary.pop("labels", None)  # listings stay small; labels are in the file
         summary.update(
@@ -490,7 +508,8 @@ class PromptStore:
         with self._redis():
             keys = self._change_keys(ps.task_id)
             args = [ps.task_id, data, _dumps(summary), self.keep_versions, self.events_channel, "register", 0]
-            return int(self._change(keys=keys, args=args + when.lua_args()))
+            version, created = self._change(keys=keys, args=args + when.lua_args())
+        return Registered(ps, int(version), bool(created))
 
     def rollback(self, task_id: str, version: int, *, when: Precondition = NO_CONDITION) -> int:
         """Make the content of `version` current again, as a NEW version (history is never rewritten).
@@ -510,7 +529,7 @@ class PromptStore:
         with self._redis():
             keys = self._change_keys(task_id)
             args = [task_id, b"", _dumps(info), self.keep_versions, self.events_channel, "rollback", version]
-            return int(self._change(keys=keys, args=args + when.lua_args()))
+            return int(self._change(keys=keys, args=args + when.lua_args())[0])
 
     def delete(self, task_id: str, *, when: Precondition = NO_CONDITION) -> None:
         """Remove a task and all its versions. Raises TaskNotFound / PreconditionFailed. Version numbers

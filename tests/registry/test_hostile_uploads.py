@@ -110,8 +110,8 @@ def test_hostile_store_events_are_dropped_and_the_subscription_lives(
     sub = store.subscribe(events.append)
     try:
         store.client.publish(store.events_channel, deep_json())
-        version = store.register(good_set(backbone.info, "victim"))
-        assert wait_for(lambda: StoreEvent("victim", version, "register") in events)
+        version = store.register(good_set(backbone.info, "victim", num_prompts=3))
+        assert version == 2 and wait_for(lambda: StoreEvent("victim", version, "register") in events)
         assert sub.alive
     finally:
         sub.stop()

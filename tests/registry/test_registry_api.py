@@ -14,8 +14,8 @@ from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.registry.api import create_app, read_token
-from e2vpt.registry.store import PromptStore
-from tests.helpers import RedisServer
+from e2vpt.registry.store import PromptStore, StoreEvent
+from tests.helpers import RedisServer, wait_for
 from tests.registry_helpers import bad_uploads, marked_set, marker_of, snapshot
 
 pytestmark = pytest.mark.integration  # real Redis
@@ -103,6 +103,36 @@ def test_bad_requests(client: TestClient, backbone: Backbone) -> None:
         assert r.status_code == 400, body
     r = client.get("/tasks/cats", params={"version": -1})
     assert r.status_code == 400
+
+
+def test_put_is_idempotent(client: TestClient, store: PromptStore, backbone: Backbone) -> None:
+    """The current version's file again (a retried upload) creates nothing: 200, same version, no event."""
+    v1 = marked_set(backbone.info, "cats", 1.0).to_bytes()
+    v2 = marked_set(backbone.info, "cats", 2.0).to_bytes()
+    assert put(client, "cats", v1)["created"] is True
+    events: list[StoreEvent] = []
+    sub = store.subscribe(events.append)
+    try:
+        before = snapshot(store)
+        for headers in (OCTET, {**OCTET, "If-Match": '"1"'}):
+            r = client.put("/tasks/cats", content=v1, headers=headers)
+            assert r.status_code == 200 and r.headers["ETag"] == '"1"', r.text
+            assert r.json()["version"] == 1 and r.json()["created"] is False
+        r = client.put("/tasks/cats", files={"file": ("cats.safetensors", v1)}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["created"] is False
+        assert snapshot(store) == before  # not even registered_at moved
+        r = client.put("/tasks/cats", content=v1, headers={**OCTET, "If-None-Match": "*"})
+        assert r.status_code == 412  # the condition is checked first: "create only" still refuses
+        assert put(client, "cats", v2)["version"] == 2  # new content: a new version, as always
+        assert put(client, "cats", v1)["version"] == 3  # an older content is new again
+        assert wait_for(lambda: len(events) >= 2)
+        time.sleep(0.2)
+        assert [(e.version, e.action) for e in events] == [(2, "register"), (3, "register")]
+    finally:
+        sub.stop()
+    text = client.get("/metrics").text
+    assert 'e2vpt_registry_changes_total{action="unchanged"} 3.0' in text
+    assert 'e2vpt_registry_changes_total{action="register"} 3.0' in text
 
 
 def test_conditional_requests(client: TestClient, store: PromptStore, backbone: Backbone) -> None:
@@ -290,7 +320,7 @@ def test_redis_down_gives_503_and_recovers(redis_server: RedisServer, backbone: 
     redis_server.start()
     assert _wait_healthy(client)
     assert client.get("/tasks/cats/file").content == data
-    assert put(client, "cats", data)["version"] == 2
+    assert put(client, "cats", marked_set(backbone.info, "cats", 2.0).to_bytes())["version"] == 2
 
 
 def test_app_from_settings_loads_the_backbone(redis_url: str, namespace: str, tmp_path: Path) -> None:

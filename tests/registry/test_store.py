@@ -55,8 +55,11 @@ def test_register_get_round_trip(store: PromptStore, backbone: Backbone) -> None
         assert torch.equal(got.tensors()[key], t)
     data, v = store.get_bytes("cats")
     assert data == ps.to_bytes() and v == 1
-    ps2, v2 = store.register_bytes(marked_set(backbone.info, "cats", 2.0).to_bytes())
-    assert v2 == 2 and marker_of(store.get("cats")[0]) == 2.0
+    ps2, v2, created = store.register_bytes(marked_set(backbone.info, "cats", 2.0).to_bytes())
+    assert v2 == 2 and created and marker_of(store.get("cats")[0]) == 2.0
+    before = contents(store)
+    assert store.register_bytes(ps2.to_bytes())[1:] == (2, False)  # the current file again: nothing written
+    assert store.register(ps2) == 2 and contents(store) == before
     assert marker_of(store.get("cats", 2)[0]) == 2.0
     assert torch.equal(store.get("cats", 1)[0].visual, ps.visual)
     assert store.current_versions(["cats", "dogs"]) == {"cats": 2, "dogs": None}
