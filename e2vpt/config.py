@@ -88,6 +88,10 @@ class Settings(BaseSettings):
         default=30.0,
         validation_alias=AliasChoices("E2VPT_REGISTRY_CLIENT_TIMEOUT", "E2VPT_REGISTER_TIMEOUT_S"),
     )
+    # Clients retry a request this many times when it cannot have changed anything (no connection; a 503
+    # with Retry-After) or is idempotent (GET, PUT) and the registry was unavailable, waiting Retry-After
+    # or 0.5, 1, 2, ... s (0: never retry).
+    registry_client_retries: int = Field(default=3, ge=0, le=20)
 
     # --- serving: images, engine, prompt cache, metrics (issue 5) ----------------------------------
     # Inference backend computing features: "torch" (eager) or "onnxruntime" (e2vpt.onnx.backend).

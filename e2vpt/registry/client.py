@@ -2,13 +2,19 @@
 `e2vpt train --register` and scripts/demo.py.
 
 Every failure is typed: `RegistryUnreachable` (no connection, timeout) or `RegistryRequestError`
-(the registry answered 4xx/5xx; its status and error code are kept). `register_prompt_set` is the
+(the registry answered 4xx/5xx; its status and error code are kept). A request that failed for want of
+the registry or its Redis is retried (`registry_client_retries`) when a retry is safe: the request cannot
+have changed anything (no connection was made; a 503 with Retry-After, which the registry answers without
+trying Redis), or it is idempotent (GET; PUT, since the registry stores the current file again as a no-op).
+A rollback (POST) or a DELETE whose outcome is unknown is never repeated. `register_prompt_set` is the
 training side's one call: it turns both into `RegistrationFailed` with a hint for a bad token.
 Imports no torch: the CLI stays light.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +24,12 @@ import httpx
 from e2vpt.config import Settings, get_settings
 from e2vpt.errors import RegistrationFailed, RegistryRequestError, RegistryUnreachable
 from e2vpt.registry.conditions import NO_CONDITION, Precondition
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT"})
+UNAVAILABLE = frozenset({502, 503, 504})
+MAX_WAIT_S = 30.0  # the longest a client sleeps before one retry (a server's Retry-After included)
 
 
 def read_token(settings: Settings) -> str | None:
@@ -33,10 +45,14 @@ def read_token(settings: Settings) -> str | None:
 class RegistryClient:
     """A small typed client of the registry API."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 30.0, retries: int | None = None
+    ) -> None:
+        """`retries`: how often a failed request is retried where that is safe (default: the settings')."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.retries = get_settings().registry_client_retries if retries is None else retries
 
     @classmethod
     def from_settings(
@@ -45,7 +61,10 @@ class RegistryClient:
         """URL and token given here win over the settings (`registry_url`, `registry_token[_file]`)."""
         settings = settings or get_settings()
         return cls(
-            url or settings.registry_url, token or read_token(settings), settings.registry_client_timeout
+            url or settings.registry_url,
+            token or read_token(settings),
+            settings.registry_client_timeout,
+            settings.registry_client_retries,
         )
 
     def close(self) -> None:
@@ -58,12 +77,37 @@ class RegistryClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise RegistryUnreachable(
-                f"the registry at {self.url} is unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)  # else never applied
+                wait = _retry_wait(attempt, safe=not sent, method=method)
+                if attempt == self.retries or wait is None:
+                    raise RegistryUnreachable(
+                        f"the registry at {self.url} is unreachable: {type(exc).__name__}: {exc}"
+                    ) from exc
+                why = type(exc).__name__
+            else:
+                after = response.headers.get("retry-after")
+                wait = (
+                    _retry_wait(attempt, safe=after is not None, method=method, retry_after=after)
+                    if response.status_code in UNAVAILABLE
+                    else None
+                )
+                if attempt == self.retries or wait is None:
+                    break
+                why = f"HTTP {response.status_code}"
+            log.warning(
+                "registry %s %s: %s; retry %d/%d in %.1f s",
+                method,
+                path,
+                why,
+                attempt + 1,
+                self.retries,
+                wait,
+            )
+            time.sleep(wait)
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -109,6 +153,19 @@ class RegistryClient:
 
     def delete(self, task_id: str, *, when: Precondition = NO_CONDITION) -> None:
         self._request("DELETE", f"/tasks/{task_id}", headers=when.headers())
+
+
+def _retry_wait(attempt: int, *, safe: bool, method: str, retry_after: str | None = None) -> float | None:
+    """Seconds to wait before retrying, or None when a retry is not safe: only a request that cannot have
+    changed anything (`safe`) or an idempotent one is repeated. Retry-After (seconds) wins over the
+    exponential 0.5, 1, 2, ... s; both are capped at MAX_WAIT_S."""
+    if not safe and method.upper() not in IDEMPOTENT:
+        return None
+    try:
+        wait = float(retry_after) if retry_after is not None else 0.5 * 2**attempt
+    except ValueError:  # an HTTP date: not sent by this registry; wait as if it had said nothing
+        wait = 0.5 * 2**attempt
+    return min(max(wait, 0.0), MAX_WAIT_S)
 
 
 class Registrable(Protocol):

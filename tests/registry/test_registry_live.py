@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +23,9 @@ from e2vpt.cli import main as cli_main
 from e2vpt.core.backbone import save_checkpoint
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.registry import registry_server
-from e2vpt.errors import StoreUnavailable
+from e2vpt.errors import RegistryRequestError, RegistryUnreachable, StoreUnavailable
 from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_NOPERM, EXIT_REFUSED, EXIT_UNAVAILABLE
+from e2vpt.registry.client import RegistryClient
 from e2vpt.registry.store import PromptStore
 from tests.helpers import TINY, RedisServer, free_port, tiny_backbone, wait_for
 from tests.registry_helpers import marked_set, marker_of
@@ -252,3 +255,38 @@ def test_a_hung_redis_never_queues_requests_or_the_liveness_probe(
             os.kill(redis_server.proc.pid, signal.SIGCONT)
         assert wait_for(lambda: httpx.get(f"{live.url}/healthz", timeout=30).status_code == 200, timeout=30)
         assert httpx.get(f"{live.url}/tasks/hung", timeout=30).json()["version"] == 1
+
+
+def test_clients_retry_what_is_safe_to_retry(
+    tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down, fail-fast off: the registry answers 503 without Retry-After (a Redis call failed, its
+    outcome unknown). A rollback (POST) is not repeated; a read is; a PUT is (a repeat of an applied PUT is a
+    no-op) and lands once Redis is back. No registry at all: nothing was sent, so even a POST is retried."""
+    caplog.set_level(logging.WARNING, logger="e2vpt.registry.client")
+    env = {"E2VPT_REGISTRY_STORE_BACKOFF_MS": "0", "E2VPT_STORE_SOCKET_TIMEOUT": "2"}
+    with registry_process(redis_server.url, tmp_path, **env) as live:
+        info = live.store.info
+        with RegistryClient(live.url, TOKEN, retries=4) as client:
+            assert client.register(marked_set(info, "retry", 1.0).to_bytes(), "retry")["version"] == 1
+            redis_server.stop()
+            with pytest.raises(RegistryRequestError) as err:
+                client.rollback("retry", 1)
+            assert err.value.http_status == 503 and not caplog.records  # not repeated
+            with pytest.raises(RegistryRequestError) as err, RegistryClient(live.url, retries=2) as reader:
+                reader.show("retry")
+            assert err.value.http_status == 503 and len(caplog.records) == 2  # a read: retried twice
+            caplog.clear()
+            back = threading.Timer(1.0, redis_server.start)
+            back.start()
+            try:
+                out = client.register(marked_set(info, "retry", 2.0).to_bytes(), "retry")
+            finally:
+                back.join()
+            assert out["version"] == 2 and out["created"] and caplog.records  # retried, then landed once
+            assert [v["version"] for v in client.versions("retry")] == [1, 2]
+    caplog.clear()
+    nobody = RegistryClient(f"http://127.0.0.1:{free_port()}", TOKEN, retries=2)
+    with nobody, pytest.raises(RegistryUnreachable):
+        nobody.rollback("retry", 1)
+    assert len(caplog.records) == 2 and "ConnectError" in caplog.records[0].getMessage()
