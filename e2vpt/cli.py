@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 COMMAND_MODULES: tuple[str, ...] = (
     "e2vpt.registry.cli",
     "e2vpt.torchserve.archive",
+    "e2vpt.torchserve.predict",
     "e2vpt.onnx.export",
 )
 # The top-level commands each of those modules registers (checked by tests/registry/test_cli_light.py).
@@ -26,6 +27,7 @@ COMMAND_HOMES: dict[str, str] = {
     "tasks": "e2vpt.registry.cli",
     "registry": "e2vpt.registry.cli",
     "serve": "e2vpt.torchserve.archive",
+    "predict": "e2vpt.torchserve.predict",
     "export-onnx": "e2vpt.onnx.export",
 }
 ENTRY_POINT_GROUP = "e2vpt.commands"

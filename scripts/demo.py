@@ -37,6 +37,7 @@ from e2vpt.dev.localredis import ensure_redis, free_port  # noqa: E402
 from e2vpt.errors import RegistryRequestError  # noqa: E402
 from e2vpt.registry.client import RegistryClient  # noqa: E402
 from e2vpt.torchserve.archive import TorchServe, build_mar  # noqa: E402
+from e2vpt.torchserve.predict import send  # noqa: E402
 
 log = logging.getLogger("demo")
 STEPS = 8
@@ -187,25 +188,6 @@ def test_items(task: str, n: int) -> list[tuple[bytes, int]]:
     return [(png_bytes(test.images[i]), int(test.labels[i])) for i in range(len(test))]
 
 
-async def send_stream(
-    url: str, headers: dict[str, str], items: list[tuple[str, bytes]], concurrency: int
-) -> list[tuple[int, dict | str, float]]:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=60) as client:
-
-        async def one(task_id: str, data: bytes) -> tuple[int, dict | str, float]:
-            async with sem:
-                t0 = time.perf_counter()
-                r = await client.post(url, content=data, headers={**headers, "X-Task-Id": task_id})
-                dt = time.perf_counter() - t0
-                try:
-                    return r.status_code, r.json(), dt
-                except ValueError:
-                    return r.status_code, r.text, dt
-
-        return await asyncio.gather(*(one(t, d) for t, d in items))
-
-
 def run_traffic(
     ts: TorchServe,
     tasks: dict[str, list[tuple[bytes, int]]],
@@ -219,20 +201,20 @@ def run_traffic(
     stream = [stream[i] for i in order]
     t0 = time.perf_counter()
     results = asyncio.run(
-        send_stream(ts.predictions_url, ts.auth(), [(t, d) for t, d, _ in stream], concurrency)
+        send(ts.predictions_url, [(t, d) for t, d, _ in stream], headers=ts.auth(), concurrency=concurrency)
     )
     wall = time.perf_counter() - t0
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     errors: dict[str, int] = defaultdict(int)
     lat: dict[str, list[float]] = defaultdict(list)
-    for (task, _, y), (status, body, dt) in zip(stream, results, strict=True):
+    for (task, _, y), answer in zip(stream, results, strict=True):
         total[task] += 1
-        lat[task].append(dt)
-        if status != 200 or not isinstance(body, dict):
+        lat[task].append(answer.seconds)
+        if not answer.ok:
             errors[task] += 1
             continue
-        correct[task] += int(body["predictions"][0]["label"] == labels[task][y])
+        correct[task] += int(answer.body["predictions"][0]["label"] == labels[task][y])
     print(
         f"    {len(stream)} requests, {len(tasks)} tasks, concurrency {concurrency}: "
         f"{len(stream) / wall:.1f} req/s over HTTP"

@@ -24,12 +24,11 @@ from typing import Any
 
 from e2vpt.core import safejson
 from e2vpt.errors import BadRequest, E2VPTError, InvalidImage, excerpt
+from e2vpt.serving import TASK_HEADER, TOP_K_HEADER
 from e2vpt.serving.engine import RequestItem
 
 log = logging.getLogger(__name__)
 
-TASK_HEADER = "x-task-id"
-TOP_K_HEADER = "x-top-k"
 MAX_JSON_DEPTH = 8  # {"task_id": ..., "image": ..., "top_k": ...} is 1 level deep
 IMAGE_FIELDS = ("image", "file")
 RAW_FIELDS = ("body", "data")

@@ -632,19 +632,37 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def running_keys(workdir: Path) -> dict[str, dict[str, Any]]:
+    """The keys of the TorchServe running from `workdir` ({"inference": {"key", "expiration time"}, ...}:
+    its key_file.json), or {} when there is none."""
+    key_file = workdir / "key_file.json"
+    if not key_file.is_file():
+        return {}
+    return {k.lower(): v for k, v in json.loads(key_file.read_text()).items() if isinstance(v, dict)}
+
+
+def running_state(workdir: Path) -> dict[str, Any]:
+    """What `serve start` recorded of the TorchServe running from `workdir` (URLs, pid), or {}."""
+    state_file = workdir / "state.json"
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     """Print a key of the running TorchServe (from its key_file.json); --refresh asks TorchServe for a new
     one first (its token API, with the API key)."""
     settings = get_settings()
     workdir = Path(args.workdir or settings.ts_workdir)
-    key_file = workdir / "key_file.json"
-    if not key_file.is_file():
-        _err(f"error: {key_file} does not exist: is TorchServe running? (python -m e2vpt.cli serve start)")
+    keys = running_keys(workdir)
+    if not keys:
+        _err(
+            f"error: {workdir / 'key_file.json'} does not exist: is TorchServe running? "
+            "(python -m e2vpt.cli serve start)"
+        )
         return EXIT_NOINPUT
-    keys = {k.lower(): v for k, v in json.loads(key_file.read_text()).items() if isinstance(v, dict)}
     if args.refresh:
-        state = json.loads((workdir / "state.json").read_text()) if (workdir / "state.json").is_file() else {}
-        management = state.get("management_url") or f"http://127.0.0.1:{settings.ts_management_port}"
+        management = running_state(workdir).get("management_url") or (
+            f"http://127.0.0.1:{settings.ts_management_port}"
+        )
         try:
             r = httpx.get(
                 f"{management}/token",
@@ -660,7 +678,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
                 f"error: TorchServe refused a new {args.kind} key: HTTP {r.status_code} {r.text.strip()[:200]}"
             )
             return EXIT_REFUSED
-        keys = {k.lower(): v for k, v in json.loads(key_file.read_text()).items() if isinstance(v, dict)}
+        keys = running_keys(workdir)
     entry = keys.get(args.kind) or {}
     if "expiration time" in entry:
         _err(f"{args.kind} key expires at {entry['expiration time']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import shutil
 import time
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import torch
 
+from e2vpt.cli import main as cli_main
 from e2vpt.config import Settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
@@ -27,7 +29,7 @@ from e2vpt.dev.images import image_bytes, png_header_bomb
 from e2vpt.registry.store import PromptStore
 from e2vpt.torchserve.adapter import WORKER_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
-from tests.helpers import RedisServer, tiny_checkpoint
+from tests.helpers import RedisServer, free_port, tiny_checkpoint
 from tests.poison import deep_json
 from tests.serving_helpers import burst, offline_predict
 
@@ -122,6 +124,48 @@ def test_concurrent_mixed_requests_match_offline_model(served: Served) -> None:
         assert body["task_id"] == task and body["version"] == 1
         assert [p["label"] for p in body["predictions"]] == [label for label, _ in expected]
         assert [p["score"] for p in body["predictions"]] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+
+def test_the_predict_command_classifies_a_folder(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`e2vpt predict` against the real TorchServe: a line per image in input order with the offline model's
+    labels and scores, a file that is no image refused on stderr with its status (exit 1), hidden files
+    skipped, top-1 accuracy from folder names; nobody listening: 69; a missing path: 66."""
+    ps = served.store.get("t1")[0]
+    folder = tmp_path / "val"
+    images = [image_bytes(300 + i, (40 + i, 36)) for i in range(6)]
+    expected = [offline_predict(served.backbone, ps, img, top_k=2) for img in images]
+    paths = []
+    for i, (img, exp) in enumerate(zip(images, expected, strict=True)):
+        truth = exp[0][0] if i < 4 else "some-other-label"  # 4 of 6 in the folder of their top-1 label
+        paths.append(folder / truth / f"img{i}.png")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        paths[-1].write_bytes(img)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / ".hidden").write_bytes(images[0])
+    key = served.ts.keys()["inference"]
+    common = ["--task", "t1", "--url", served.ts.predictions_url, "--token", key, "--no-progress", "-k", "2"]
+    assert cli_main(["predict", *common, "--labels-from-folders", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    lines = [line.split("\t") for line in out.splitlines()]
+    order = sorted(paths)  # a folder is read recursively, sorted (broken.jpg has no stdout line)
+    assert [Path(line[0]) for line in lines] == order
+    for line, path in zip(lines, order, strict=True):
+        exp = expected[int(path.stem[3:])]
+        got = [cell.rsplit(" ", 1) for cell in line[1:]]
+        assert [label for label, _ in got] == [label for label, _ in exp]
+        assert all(abs(float(score) - s) < 1e-3 for (_, score), (_, s) in zip(got, exp, strict=True))
+    assert f"{folder / 'broken.jpg'}: HTTP 400 invalid_image" in err
+    assert "7 image(s), 1 refused" in err and "top-1 accuracy 66.7% (4/6" in err
+    assert cli_main(["predict", *common, "--json", str(paths[0])]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["status"] == 200 and answer["answer"]["task_id"] == "t1"
+    assert [p["label"] for p in answer["answer"]["predictions"]] == [label for label, _ in expected[0]]
+    dead = ["--task", "t1", "--url", f"http://127.0.0.1:{free_port()}/predictions/e2vpt", "--no-progress"]
+    assert cli_main(["predict", *dead, str(paths[0])]) == 69
+    assert cli_main(["predict", *common, str(folder / "missing.png")]) == 66
+    capsys.readouterr()
 
 
 def test_each_bad_item_gets_its_status_while_the_rest_succeed(served: Served) -> None:

@@ -22,7 +22,7 @@ from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, photo_jpeg, png_header_bomb, with_exif
 from e2vpt.registry.store import PromptStore
-from e2vpt.serving.requests import TOP_K_HEADER
+from e2vpt.serving import TOP_K_HEADER
 from e2vpt.torchserve.archive import TorchServe, build_mar
 from tests.helpers import RedisServer, make_set, tiny_checkpoint
 from tests.serving_helpers import burst, offline_predict
