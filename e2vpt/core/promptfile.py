@@ -9,23 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from e2vpt.core import safejson
-from e2vpt.errors import CorruptPromptSet, PromptSetTooLarge
+from e2vpt.errors import CorruptPromptSet, E2VPTError, PromptSetTooLarge
 
 META_KEY = "e2vpt"
 MAX_METADATA_DEPTH = 16
 
 
-def read_file(path: str | Path, limit: int) -> bytes:
-    """A prompt-set file's bytes, if it is a regular file of at most `limit` bytes: a FIFO would block the
-    open, a device (/dev/zero, size 0) would be read forever, a huge file read whole only to be refused.
-    FileNotFoundError if it is missing, OSError if it is not a regular file, PromptSetTooLarge."""
+def read_file(path: str | Path, limit: int, too_large: type[E2VPTError] = PromptSetTooLarge) -> bytes:
+    """A file's bytes (a prompt set's, an image to send), if it is a regular file of at most `limit` bytes:
+    a FIFO would block the open, a device (/dev/zero, size 0) would be read forever, a huge file read whole
+    only to be refused. FileNotFoundError if it is missing, OSError if it is not a regular file, `too_large`."""
     path = Path(path)
     if not stat.S_ISREG(path.stat().st_mode):
         raise OSError(f"{path} is not a regular file")
     with path.open("rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise PromptSetTooLarge(f"{path} is {path.stat().st_size} bytes; the limit is {limit}")
+        raise too_large(f"{path} is {path.stat().st_size} bytes; the limit is {limit}")
     return data
 
 

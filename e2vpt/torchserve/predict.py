@@ -28,11 +28,14 @@ from typing import Any
 import httpx
 
 from e2vpt.config import get_settings
+from e2vpt.core.promptfile import read_file
+from e2vpt.errors import E2VPTError, ImageTooLarge
 from e2vpt.registry.cli import EXIT_NOINPUT, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 from e2vpt.serving import TASK_HEADER, TOP_K_HEADER
 from e2vpt.torchserve.archive import running_keys, running_state
 
-NO_ANSWER = 0  # an Answer's status when no HTTP answer came (connection refused, timeout, unreadable file)
+NO_ANSWER = 0  # an Answer's status when no HTTP answer came (connection refused, timeout)
+NOT_SENT = -1  # ... when the file was not sent (unreadable, not a regular file, over the size limit)
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,14 @@ async def send(
     headers: dict[str, str] | None = None,
     concurrency: int = 16,
     timeout: float = 60.0,
+    max_bytes: int | None = None,
     on_answer: Callable[[int, Answer], None] | None = None,
 ) -> list[Answer]:
     """POST each (task id, image bytes or file) to `url` with at most `concurrency` in flight; the answers in
     input order. `on_answer(index, answer)` is called as each arrives. A file is read only when its request
-    is sent (a folder of images is never held in memory at once)."""
+    is sent (a folder of images is never held in memory at once), and only if it is a regular file of at
+    most `max_bytes` (default: TorchServe's request limit, `ts_max_request_size`); else it is NOT_SENT."""
+    limit = get_settings().ts_max_request_size if max_bytes is None else max_bytes
     sem = asyncio.Semaphore(max(1, concurrency))
     answers: list[Answer | None] = [None] * len(items)
     async with httpx.AsyncClient(timeout=timeout, headers=headers or {}) as client:
@@ -69,25 +75,30 @@ async def send(
             async with sem:
                 t0 = time.perf_counter()
                 try:
-                    data = image if isinstance(image, bytes) else image.read_bytes()
-                    r = await client.post(
-                        url,
-                        content=data,
-                        headers={TASK_HEADER: task_id, "Content-Type": "application/octet-stream"},
-                    )
-                    try:
-                        body: Any = r.json()
-                    except ValueError:
-                        body = r.text
-                    answer = Answer(r.status_code, body, time.perf_counter() - t0)
-                except (OSError, httpx.HTTPError) as exc:  # an unreadable file, no connection, a timeout
-                    answer = Answer(NO_ANSWER, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+                    data = image if isinstance(image, bytes) else read_file(image, limit, ImageTooLarge)
+                except (OSError, E2VPTError) as exc:
+                    answer = Answer(NOT_SENT, f"not sent: {getattr(exc, 'message', exc)}", 0.0)
+                else:
+                    answer = await _post(client, url, task_id, data, t0)
             answers[i] = answer
             if on_answer is not None:
                 on_answer(i, answer)
 
         await asyncio.gather(*(one(i, t, image) for i, (t, image) in enumerate(items)))
     return [a for a in answers if a is not None]
+
+
+async def _post(client: httpx.AsyncClient, url: str, task_id: str, data: bytes, t0: float) -> Answer:
+    headers = {TASK_HEADER: task_id, "Content-Type": "application/octet-stream"}
+    try:
+        r = await client.post(url, content=data, headers=headers)
+    except httpx.HTTPError as exc:  # no connection, a timeout
+        return Answer(NO_ANSWER, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+    try:
+        body: Any = r.json()
+    except ValueError:
+        body = r.text
+    return Answer(r.status_code, body, time.perf_counter() - t0)
 
 
 def image_files(paths: Sequence[str]) -> list[Path]:
@@ -111,8 +122,8 @@ def image_files(paths: Sequence[str]) -> list[Path]:
 
 def _describe(answer: Answer) -> str:
     """Why an image got no predictions, in one line."""
-    if answer.status == NO_ANSWER:
-        return f"no answer: {answer.body}"
+    if answer.status in (NO_ANSWER, NOT_SENT):
+        return f"{'no answer: ' if answer.status == NO_ANSWER else ''}{answer.body}"
     body = answer.body
     if isinstance(body, dict):
         return f"HTTP {answer.status} {body.get('error', body.get('code', ''))}: {body.get('detail', body.get('message', ''))}"

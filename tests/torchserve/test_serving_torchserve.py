@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import shutil
 import time
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from e2vpt.cli import main as cli_main
-from e2vpt.config import Settings
+from e2vpt.config import Settings, get_settings
 from e2vpt.core.backbone import Backbone
 from e2vpt.core.promptset import PromptSet
 from e2vpt.dev.images import image_bytes, png_header_bomb
@@ -127,11 +128,12 @@ def test_concurrent_mixed_requests_match_offline_model(served: Served) -> None:
 
 
 def test_the_predict_command_classifies_a_folder(
-    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`e2vpt predict` against the real TorchServe: a line per image in input order with the offline model's
     labels and scores, a file that is no image refused on stderr with its status (exit 1), hidden files
-    skipped, top-1 accuracy from folder names; nobody listening: 69; a missing path: 66."""
+    skipped, top-1 accuracy from folder names; a FIFO or a file over the request limit is not sent (that
+    file's error); nobody listening: 69; a missing path: 66."""
     ps = served.store.get("t1")[0]
     folder = tmp_path / "val"
     images = [image_bytes(300 + i, (40 + i, 36)) for i in range(6)]
@@ -162,6 +164,16 @@ def test_the_predict_command_classifies_a_folder(
     answer = json.loads(capsys.readouterr().out)
     assert answer["status"] == 200 and answer["answer"]["task_id"] == "t1"
     assert [p["label"] for p in answer["answer"]["predictions"]] == [label for label, _ in expected[0]]
+    # not sent: a FIFO (whose open would block) and a file over TorchServe's request limit
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "huge.png").write_bytes(b"\0" * (MAX_RESPONSE + 1))
+    odd = [str(tmp_path / "fifo.png"), str(tmp_path / "huge.png"), str(paths[0])]
+    monkeypatch.setattr(get_settings(), "ts_max_request_size", MAX_RESPONSE)
+    assert cli_main(["predict", *common, *odd]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.startswith(str(paths[0]))
+    assert "fifo.png: not sent: " in err and "is not a regular file" in err
+    assert "huge.png: not sent: " in err and f"the limit is {MAX_RESPONSE}" in err
     dead = ["--task", "t1", "--url", f"http://127.0.0.1:{free_port()}/predictions/e2vpt", "--no-progress"]
     assert cli_main(["predict", *dead, str(paths[0])]) == 69
     assert cli_main(["predict", *common, str(folder / "missing.png")]) == 66
