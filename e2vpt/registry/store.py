@@ -17,6 +17,8 @@ current pointer, updates summary and index, trims old versions and publishes the
 current version uses one script too (pointer and blob read together); a version's metadata and tensors
 live in the same value, so no reader can see metadata of one version with tensors of another.
 A rollback does not rewrite history: it makes the content of an older version current as a NEW version.
+A write may carry a `Precondition` (If-Match / If-None-Match on the current version), checked inside the
+same script; a registration of the current version's file again (same sha256) writes nothing.
 Scripts address per-task keys and the namespace's shared keys together: single-node Redis (or one shard).
 """
 
