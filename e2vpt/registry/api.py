@@ -229,11 +229,17 @@ _CONDITIONAL_WRITE = {"parameters": [_IF_MATCH, _IF_NONE_MATCH_WRITE]}
 _CONDITIONAL_READ = {"parameters": [_IF_NONE_MATCH_READ]}
 
 
+def _header(request: Request, name: str) -> str | None:
+    """A list-valued header as one value: lines repeated are one comma-separated list (RFC 9110 5.3)."""
+    values = request.headers.getlist(name)
+    return ", ".join(values) if values else None
+
+
 def _precondition(request: Request) -> Precondition:
     """A write's condition from If-Match / If-None-Match (RFC 9110 13.1): see `e2vpt.registry.conditions`."""
     return Precondition(
-        if_match=parse_tags(request.headers.get("if-match"), "If-Match", weak=False),
-        if_none_match=parse_tags(request.headers.get("if-none-match"), "If-None-Match", weak=True),
+        if_match=parse_tags(_header(request, "if-match"), "If-Match", weak=False),
+        if_none_match=parse_tags(_header(request, "if-none-match"), "If-None-Match", weak=True),
     )
 
 
@@ -242,7 +248,7 @@ When = Annotated[Precondition, Depends(_precondition)]
 
 def _unchanged(request: Request, version: int) -> bool:
     """A read's If-None-Match names `version` (weak comparison): the answer is 304 Not Modified."""
-    tags = parse_tags(request.headers.get("if-none-match"), "If-None-Match", weak=True)
+    tags = parse_tags(_header(request, "if-none-match"), "If-None-Match", weak=True)
     return not Precondition(if_none_match=tags).holds(version)
 
 

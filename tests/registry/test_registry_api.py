@@ -162,6 +162,9 @@ def test_conditional_requests(client: TestClient, store: PromptStore, backbone: 
         assert r.status_code == 400 and "If-Match" in r.json()["detail"], text
         assert client.get("/tasks/cats", headers={"If-None-Match": bad}).status_code == 400, text
     assert snapshot(store) == before
+    # a header repeated on several lines is one list: here it names the current version, so no write
+    twice = [*OCTET.items(), ("If-None-Match", '"7"'), ("If-None-Match", '"1"')]
+    refused(client.put("/tasks/cats", content=v[1], headers=twice), 1)
     r = client.put("/tasks/cats", content=v[1], headers={**OCTET, "If-Match": '"9", "1"'})
     assert r.status_code == 201 and r.headers["ETag"] == '"2"'
     r = client.post("/tasks/cats/rollback", json={"version": 1}, headers={**AUTH, "If-Match": '"2"'})
@@ -181,7 +184,7 @@ def test_conditional_requests(client: TestClient, store: PromptStore, backbone: 
     assert r.status_code == 204
     assert client.get("/tasks/cats", headers={"If-None-Match": "*"}).status_code == 404
     text = client.get("/metrics").text
-    assert 'e2vpt_registry_rejections_total{reason="precondition_failed"} 5.0' in text
+    assert 'e2vpt_registry_rejections_total{reason="precondition_failed"} 6.0' in text
     op = client.get("/openapi.json").json()["paths"]["/tasks/{task_id}"]
     assert {p["name"] for p in op["put"]["parameters"]} == {"task_id", "If-Match", "If-None-Match"}
     assert {p["name"] for p in op["get"]["parameters"]} == {"task_id", "version", "If-None-Match"}
