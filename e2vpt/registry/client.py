@@ -81,8 +81,8 @@ class RegistryClient:
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)  # else never applied
-                wait = _retry_wait(attempt, safe=not sent, method=method)
+                never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)  # so never applied
+                wait = _retry_wait(attempt, safe=never_sent, method=method)
                 if attempt == self.retries or wait is None:
                     raise RegistryUnreachable(
                         f"the registry at {self.url} is unreachable: {type(exc).__name__}: {exc}"

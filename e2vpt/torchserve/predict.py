@@ -40,8 +40,8 @@ NOT_SENT = -1  # ... when the file was not sent (unreadable, not a regular file,
 
 @dataclass(frozen=True)
 class Answer:
-    """One request's outcome: HTTP status (NO_ANSWER: none), the JSON body (or text, or the reason there
-    was no answer) and the seconds it took."""
+    """One request's outcome: HTTP status (NO_ANSWER: none came; NOT_SENT: the file was not sent), the JSON
+    body (or text, or the reason there was no answer) and the seconds it took."""
 
     status: int
     body: Any
